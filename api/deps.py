@@ -1,0 +1,41 @@
+"""Dependencies shared by the routes, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from shared.db import get_sessionmaker
+from shared.keys import authenticate
+
+
+def get_db() -> Iterator[Session]:
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `lorafleet keys create`.")
+
+
+def get_project(
+    session: Annotated[Session, Depends(get_db)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The project (tenant) of the request's API key; 401 without a valid key."""
+    header = f"Bearer {credentials.credentials}" if credentials else None
+    return authenticate(session, header)
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+ProjectDep = Annotated[str, Depends(get_project)]

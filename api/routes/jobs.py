@@ -1,0 +1,60 @@
+"""Fine-tuning jobs: create, list, retrieve, cancel, events, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import ProjectDep, SessionDep
+from shared import jobs
+from shared.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("", response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
+    """Create a fine-tuning job; it is validated, stored and queued."""
+    return jobs.job_public(jobs.submit_job(session, body, project))
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None,
+              limit: Limit = 20) -> JobsPublic:
+    """List jobs, newest first; page with ``after=<last id>``."""
+    rows, more = jobs.list_jobs(session, project, after, limit)
+    return JobsPublic(data=[jobs.job_public(j) for j in rows], has_more=more)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def retrieve_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    """A job's status, progress and result."""
+    return jobs.job_public(jobs.get_job(session, job_id, project))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    """Cancel an unfinished job (409 if it already ended)."""
+    return jobs.job_public(jobs.cancel_job(session, job_id, project))
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic)
+def list_events(job_id: str, session: SessionDep, project: ProjectDep,
+                after: str | None = None, limit: Limit = 20) -> EventsPublic:
+    """A job's events, newest first."""
+    rows, more = jobs.list_events(session, job_id, project, after, limit)
+    return EventsPublic(data=[jobs.event_public(e) for e in rows], has_more=more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(job_id: str, session: SessionDep, project: ProjectDep,
+                     after: str | None = None, limit: Limit = 10) -> CheckpointsPublic:
+    """A job's complete checkpoints, newest first."""
+    job = jobs.get_job(session, job_id, project)
+    rows, more = jobs.list_checkpoints(session, job_id, project, after, limit)
+    data = [jobs.checkpoint_public(c, job) for c in rows]
+    return CheckpointsPublic(data=data, has_more=more,
+                             first_id=data[0].id if data else None,
+                             last_id=data[-1].id if data else None)

@@ -1,0 +1,231 @@
+"""The ``lorafleet`` command: run the services, build a tiny model, watch jobs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from shared.settings import get_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("api", help="run the REST API server (uvicorn)")
+    worker = sub.add_parser("worker", help="run a Celery training worker")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo"],
+                        help="prefork (default): a job that crashes its process leaves the "
+                        "worker alive")
+    worker.add_argument("--hostname", default=None, help="Celery node name (default celery@host)")
+    worker.add_argument("--loglevel", default="INFO")
+    sub.add_parser("migrate", help="upgrade the database schema to the newest version")
+    sub.add_parser("sweep", help="re-queue jobs whose worker vanished (workers do this too)")
+    up = sub.add_parser("up", help="API + one worker on this machine, in the foreground")
+    up.add_argument("--no-worker", action="store_true", help="start the API only")
+
+    tiny = sub.add_parser("make-tiny-model",
+                          help="write a small random-init Phi model and a tokenizer trained here")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = keys_sub.add_parser("create", help="create a key for a project; prints it once")
+    kc.add_argument("--project", default="default")
+    kc.add_argument("--name", default="")
+    kl = keys_sub.add_parser("list", help="list keys (never the secrets)")
+    kl.add_argument("--project", default=None)
+    kr = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    kr.add_argument("key_id")
+
+    jobs = sub.add_parser("jobs", help="work with fine-tuning jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    watch = jobs_sub.add_parser("watch", help="live progress bar until the job ends")
+    watch.add_argument("job_id")
+    watch.add_argument("--base-url", default=None, help="default http://HOST:PORT/v1")
+    watch.add_argument("--interval", type=float, default=0.5)
+    return parser
+
+
+def _base_url(arg: str | None) -> str:
+    s = get_settings()
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    return (arg or f"http://{host}:{s.port}/v1").rstrip("/")
+
+
+def cmd_api() -> int:
+    import uvicorn
+
+    s = get_settings()
+    uvicorn.run("api.main:create_app", factory=True, host=s.host, port=s.port,
+                log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shared.migrate import upgrade
+
+    s = get_settings()
+    if s.auto_migrate and s.effective_database_url.startswith("sqlite"):
+        upgrade()
+    from worker import celery_app
+
+    app = celery_app.app
+    celery_app.IN_PROCESS_POOL = args.pool == "solo"
+
+    argv = ["worker", "-Q", s.queue, "--concurrency", "1", "--pool", args.pool,
+            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """API and worker as child processes; Ctrl-C (or SIGTERM) stops both cleanly."""
+    from shared.migrate import upgrade
+
+    upgrade()
+    exe = [sys.executable, "-m", "shared.cli"]
+    procs = [subprocess.Popen([*exe, "api"])]
+    if not args.no_worker:
+        procs.append(subprocess.Popen([*exe, "worker"]))
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    code = 0
+    try:
+        while not stopping:
+            for p in procs:
+                if p.poll() is not None:
+                    print(f"lorafleet up: {p.args[-1]} exited with {p.returncode}",
+                          file=sys.stderr)
+                    stopping, code = True, p.returncode or 1
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + get_settings().preempt_grace_seconds
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return code
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import httpx
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    url = f"{_base_url(args.base_url)}/fine_tuning/jobs/{args.job_id}"
+    headers = {}
+    if key := os.environ.get("LORAFLEET_API_KEY") or os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    with httpx.Client(timeout=10, headers=headers) as client, Progress(
+        TextColumn("[bold]{task.fields[status]:>9}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("eta"), TimeRemainingColumn(),
+    ) as bar:
+        task = bar.add_task("train", total=None, status="...", loss="-")
+        while True:
+            r = client.get(url)
+            if r.status_code != 200:
+                bar.stop()
+                print(f"error {r.status_code}: {r.text}", file=sys.stderr)
+                return 1
+            job = r.json()
+            p = job.get("progress") or {}
+            loss = p.get("loss")
+            bar.update(task, total=p.get("total_steps"), completed=p.get("step", 0),
+                       status=job["status"], loss=f"{loss:.4f}" if loss is not None else "-")
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(args.interval)
+    if job["status"] == "succeeded":
+        print(f"succeeded: {job['fine_tuned_model']}")
+        print(f"adapter: {job['adapter_path']}")
+        return 0
+    err = (job.get("error") or {}).get("message", "")
+    print(f"{job['status']}: {err}", file=sys.stderr)
+    return 2
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from shared import keys
+    from shared.db import session_scope
+    from shared.migrate import upgrade
+
+    if get_settings().auto_migrate:
+        upgrade()
+    with session_scope() as s:
+        if args.keys_command == "create":
+            row, secret = keys.create_key(s, args.project, args.name)
+            print(secret)
+            print(f"created {row.id} for project '{row.project}' (the key is shown only once)",
+                  file=sys.stderr)
+        elif args.keys_command == "list":
+            for k in keys.list_keys(s, args.project):
+                state = "revoked" if k.revoked_at else "active"
+                print(f"{k.id}\t{k.project}\t{k.prefix}...\t{state}\t{k.name}")
+        else:
+            keys.revoke_key(s, args.key_id)
+            print(f"revoked {args.key_id}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "api":
+        return cmd_api()
+    if args.command == "worker":
+        return cmd_worker(args)
+    if args.command == "migrate":
+        from shared.migrate import upgrade
+
+        upgrade()
+        print(f"database at {get_settings().effective_database_url.split('@')[-1]} is up to date")
+        return 0
+    if args.command == "sweep":
+        from shared.lease import sweep
+
+        print("\n".join(sweep()) or "nothing to re-queue")
+        return 0
+    if args.command == "up":
+        return cmd_up(args)
+    if args.command == "make-tiny-model":
+        from worker.tiny_model import build_tiny_model
+
+        path = build_tiny_model(args.path, seed=args.seed, hidden_size=args.hidden_size,
+                                num_hidden_layers=args.layers)
+        print(path)
+        return 0
+    if args.command == "keys":
+        return cmd_keys(args)
+    if args.command == "jobs" and args.jobs_command == "watch":
+        return cmd_watch(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Domain errors. Raised below the API and mapped to HTTP responses in one place (api/errors.py)."""
+
+from __future__ import annotations
+
+
+class LorafleetError(Exception):
+    """Base class: ``status`` is the HTTP status the API answers with, ``param`` the bad field."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class NotFound(LorafleetError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(LorafleetError):
+    status = 409
+    code = "conflict"
+
+
+class InvalidDataset(LorafleetError):
+    """A training or validation file that cannot be used; the message names the line."""
+
+    code = "invalid_file"
+
+
+class PayloadTooLarge(LorafleetError):
+    status = 413
+    code = "payload_too_large"
+
+
+class InvalidRequest(LorafleetError):
+    code = "invalid_value"
+
+
+class ValidationFailed(LorafleetError):
+    """A request field outside the operator's limits (same status as a schema error)."""
+
+    status = 422
+    code = "invalid_value"

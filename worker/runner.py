@@ -1,0 +1,245 @@
+"""One attempt at one job: claim → heartbeat → preprocess → train → record the outcome."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shared import lease, storage
+from shared.db import session_scope
+from shared.errors import InvalidDataset
+from shared.files import get_file, open_content
+from shared.jobs import fine_tuned_model_name
+from shared.lease import Claim, LeaseLost
+from shared.schemas import TrainingSpec
+from shared.settings import get_settings
+from worker import checkpoints
+from worker.preprocess import prepare
+from worker.training import Hooks, ModelLoadError, StopTraining, load_tokenizer, train_adapter
+
+log = logging.getLogger(__name__)
+
+# Set by the SIGTERM/SIGUSR1 handler (worker.celery_app): save a checkpoint, give the job back.
+PREEMPT = threading.Event()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease in the background and notices cancellation or a lost lease."""
+
+    def __init__(self, claim: Claim, interval: float):
+        super().__init__(name=f"heartbeat-{claim.job_id}", daemon=True)
+        self.claim = claim
+        self.interval = interval
+        self.lost = threading.Event()
+        self.cancel = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                beat = lease.heartbeat(self.claim.job_id, self.claim.attempt)
+            except Exception:  # a short database outage: keep training, try again
+                log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
+                continue
+            if not beat.alive:
+                self.lost.set()
+            if beat.cancel_requested:
+                self.cancel.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class JobHooks(Hooks):
+    """Training hooks that write to the job row, fenced on this attempt."""
+
+    def __init__(self, claim: Claim, beat: Heartbeat):
+        super().__init__()
+        self.claim = claim
+        self.beat = beat
+        self.step = 0
+        self.ckpt_root = storage.checkpoints_dir(claim.job_id)
+        self.on_start = self._on_start  # type: ignore[method-assign]
+        self.on_progress = self._on_progress  # type: ignore[method-assign]
+        self.on_metrics = self._on_metrics  # type: ignore[method-assign]
+        self.on_checkpoint = self._on_checkpoint  # type: ignore[method-assign]
+        self.should_stop = self._should_stop  # type: ignore[method-assign]
+
+    def _write(self, **values: Any) -> None:
+        try:
+            lease.fenced_update(self.claim.job_id, self.claim.attempt, **values)
+        except LeaseLost:
+            self.beat.lost.set()
+            raise StopTraining("lease lost") from None
+
+    def _on_start(self, info: dict[str, Any]) -> None:
+        start = info["start_step"]
+        self._write(
+            trainable_parameters=info["trainable_parameters"],
+            total_parameters=info["total_parameters"],
+            dataset_stats={"examples": info["examples"],
+                           "dropped_too_long": info["dropped_too_long"],
+                           "validation_examples": info["validation_examples"]},
+            progress={"step": start, "total_steps": info["total_steps"]},
+            event=(f"Training started: {info['examples']} examples "
+                   f"({info['dropped_too_long']} dropped as too long), "
+                   f"{info['trainable_parameters']:,} trainable of "
+                   f"{info['total_parameters']:,} parameters, {info['total_steps']} steps"),
+            event_data=info,
+        )
+
+    def _on_progress(self, progress: dict[str, Any]) -> None:
+        self.step = progress["step"]
+        eta = progress.get("eta_seconds")
+        self._write(
+            progress={k: v for k, v in progress.items() if k != "trained_tokens"},
+            trained_tokens=progress.get("trained_tokens"),
+            estimated_finish=int(time.time() + eta) if eta is not None else None,
+        )
+
+    def _on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        self._write(event=f"Step {step}: {shown}", event_type="metrics",
+                    event_data={"step": step, **metrics})
+
+    def _on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        try:
+            lease.record_checkpoint(self.claim.job_id, self.claim.attempt, step,
+                                    storage.relative(path), metrics)
+        except LeaseLost:
+            self.beat.lost.set()
+            raise StopTraining("lease lost") from None
+        deleted = checkpoints.apply_retention(self.ckpt_root, get_settings().keep_checkpoints,
+                                              protect=path)
+        lease.mark_checkpoints_deleted(self.claim.job_id, deleted)
+
+    def _should_stop(self) -> str | None:
+        if self.beat.lost.is_set():
+            return "lost"
+        if self.beat.cancel.is_set():
+            return "cancel"
+        if PREEMPT.is_set():
+            return "preempt"
+        return None
+
+
+def _resume_point(claim: Claim) -> Path | None:
+    """The job's last good checkpoint, if it is still complete on disk."""
+    if not claim.last_good_checkpoint:
+        return None
+    path = storage.root() / claim.last_good_checkpoint
+    if checkpoints.complete_checkpoint(path):
+        return path
+    log.warning("checkpoint %s of %s is gone or incomplete; starting over", path, claim.job_id)
+    return None
+
+
+def run_job(job_id: str, worker: str | None = None) -> str:
+    """Run one attempt of ``job_id`` if this worker wins the claim. Returns the outcome.
+
+    Never raises for a job's own problems: bad data or a model that does not load fail the
+    job with a reason; other errors give the job back for another attempt (up to
+    ``max_attempts``). Only the loss of the lease ends an attempt silently.
+    """
+    worker = worker or worker_name()
+    claim = lease.claim(job_id, worker)
+    if claim is None:
+        log.info("job %s: not claimable (taken, finished, or not yet due)", job_id)
+        return "skipped"
+    settings = get_settings()
+    beat = Heartbeat(claim, settings.heartbeat_seconds)
+    beat.start()
+    hooks = JobHooks(claim, beat)
+    try:
+        return _attempt(claim, hooks)
+    except (StopTraining, LeaseLost):
+        log.warning("job %s attempt %d lost its lease; stopped", job_id, claim.attempt)
+        lease.end_attempt(job_id, claim.attempt, "fenced")
+        return "lost"
+    except (InvalidDataset, ModelLoadError) as e:
+        lease.finish(job_id, claim.attempt, "failed", level="error",
+                     message=f"Job failed: {e.message}",
+                     error={"code": e.code, "message": e.message, "param": e.param})
+        return "failed"
+    except Exception as e:  # noqa: BLE001 - anything else may be transient (OOM, I/O, a bug)
+        log.exception("job %s attempt %d crashed", job_id, claim.attempt)
+        lease.release(job_id, claim.attempt, count_failure=True,
+                      reason=f"Attempt {claim.attempt} failed: {type(e).__name__}: {e}",
+                      step=hooks.step or None)
+        return "retry"
+    finally:
+        beat.stop()
+        gc.collect()
+        _empty_device_cache()
+
+
+def _attempt(claim: Claim, hooks: JobHooks) -> str:
+    settings = get_settings()
+    spec = TrainingSpec.model_validate(claim.spec)
+    ckpt_root = storage.checkpoints_dir(claim.job_id)
+    for leftover in checkpoints.clean_incomplete(ckpt_root):
+        log.info("removed incomplete checkpoint %s", leftover)
+    resume = _resume_point(claim)
+    if resume is not None:
+        step = checkpoints.step_of(resume)
+        hooks._write(resumed_from_step=step,
+                     event=f"Resumed from checkpoint-{step} on attempt {claim.attempt}",
+                     event_data={"step": step, "attempt": claim.attempt})
+
+    with session_scope() as s:
+        train_row = get_file(s, spec.training_file, claim.project)
+        valid_row = (get_file(s, spec.validation_file, train_row.project)
+                     if spec.validation_file else None)
+        train_path, train_hash = open_content(train_row), train_row.sha256
+        valid_path = open_content(valid_row) if valid_row else None
+        valid_hash = valid_row.sha256 if valid_row else None
+
+    tokenizer = load_tokenizer(spec.model)
+    data = prepare(spec, tokenizer, train_path, train_hash, valid_path, valid_hash)
+    if data.cached:
+        hooks._write(event="Using the preprocessed data set cached by an earlier attempt")
+    name = fine_tuned_model_name(claim.model, claim.suffix, claim.job_id)
+    result = train_adapter(
+        spec, tokenizer, data, ckpt_root, storage.adapter_dir(claim.job_id),
+        resume_from=resume, device=settings.device, hooks=hooks,
+        adapter_meta={"job_id": claim.job_id, "fine_tuned_model": name},
+    )
+    if result.stopped == "cancel":
+        lease.finish(claim.job_id, claim.attempt, "cancelled",
+                     message=f"Job cancelled at step {result.step}")
+        return "cancelled"
+    if result.stopped == "preempt":
+        lease.release(claim.job_id, claim.attempt, count_failure=False,
+                      reason="Worker shutting down (preempted); checkpoint saved",
+                      step=result.step)
+        return "preempted"
+    assert result.adapter_dir is not None
+    done = lease.finish(
+        claim.job_id, claim.attempt, "succeeded",
+        message=f"Fine-tuning job succeeded: {name}, adapter at {result.adapter_dir}",
+        fine_tuned_model=name, adapter_dir=storage.relative(result.adapter_dir),
+        trained_tokens=result.trained_tokens, estimated_finish=None,
+    )
+    if not done:
+        raise LeaseLost("lost the lease at the end of training")
+    deleted = checkpoints.apply_retention(ckpt_root, settings.keep_checkpoints)
+    lease.mark_checkpoints_deleted(claim.job_id, deleted)
+    return "succeeded"
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
