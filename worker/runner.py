@@ -8,8 +8,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import OperationalError
 
 from shared import lease, storage
 from shared.db import session_scope
@@ -24,6 +27,7 @@ from worker.preprocess import prepare
 from worker.training import Hooks, ModelLoadError, StopTraining, load_tokenizer, train_adapter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Set by the SIGTERM/SIGUSR1 handler (worker.celery_app): save a checkpoint, give the job back.
 PREEMPT = threading.Event()
@@ -69,22 +73,27 @@ class JobHooks(Hooks):
         self.beat = beat
         self.step = 0
         self.ckpt_root = storage.checkpoints_dir(claim.job_id)
-        self.on_start = self._on_start  # type: ignore[method-assign]
-        self.on_progress = self._on_progress  # type: ignore[method-assign]
-        self.on_metrics = self._on_metrics  # type: ignore[method-assign]
-        self.on_checkpoint = self._on_checkpoint  # type: ignore[method-assign]
-        self.should_stop = self._should_stop  # type: ignore[method-assign]
 
-    def _write(self, **values: Any) -> None:
+    def write(self, *, best_effort: bool = False, **values: Any) -> None:
+        """A fenced write to the job row. Progress writes are ``best_effort``: during a short
+        database outage they are skipped rather than stopping training."""
         try:
-            lease.fenced_update(self.claim.job_id, self.claim.attempt, **values)
+            if best_effort:
+                lease.fenced_update(self.claim.job_id, self.claim.attempt, **values)
+            else:
+                with_db_retry(lease.fenced_update, self.claim.job_id, self.claim.attempt,
+                              **values)
         except LeaseLost:
             self.beat.lost.set()
             raise StopTraining("lease lost") from None
+        except OperationalError:
+            if not best_effort:
+                raise
+            log.warning("database unavailable; progress of %s not recorded", self.claim.job_id)
 
-    def _on_start(self, info: dict[str, Any]) -> None:
+    def on_start(self, info: dict[str, Any]) -> None:
         start = info["start_step"]
-        self._write(
+        self.write(
             trainable_parameters=info["trainable_parameters"],
             total_parameters=info["total_parameters"],
             dataset_stats={"examples": info["examples"],
@@ -98,24 +107,25 @@ class JobHooks(Hooks):
             event_data=info,
         )
 
-    def _on_progress(self, progress: dict[str, Any]) -> None:
+    def on_progress(self, progress: dict[str, Any]) -> None:
         self.step = progress["step"]
         eta = progress.get("eta_seconds")
-        self._write(
+        self.write(
+            best_effort=True,
             progress={k: v for k, v in progress.items() if k != "trained_tokens"},
             trained_tokens=progress.get("trained_tokens"),
             estimated_finish=int(time.time() + eta) if eta is not None else None,
         )
 
-    def _on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+    def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        self._write(event=f"Step {step}: {shown}", event_type="metrics",
+        self.write(best_effort=True, event=f"Step {step}: {shown}", event_type="metrics",
                     event_data={"step": step, **metrics})
 
-    def _on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         try:
-            lease.record_checkpoint(self.claim.job_id, self.claim.attempt, step,
-                                    storage.relative(path), metrics)
+            with_db_retry(lease.record_checkpoint, self.claim.job_id, self.claim.attempt, step,
+                          storage.relative(path), metrics)
         except LeaseLost:
             self.beat.lost.set()
             raise StopTraining("lease lost") from None
@@ -123,7 +133,7 @@ class JobHooks(Hooks):
                                               protect=path)
         lease.mark_checkpoints_deleted(self.claim.job_id, deleted)
 
-    def _should_stop(self) -> str | None:
+    def should_stop(self) -> str | None:
         if self.beat.lost.is_set():
             return "lost"
         if self.beat.cancel.is_set():
@@ -131,6 +141,21 @@ class JobHooks(Hooks):
         if PREEMPT.is_set():
             return "preempt"
         return None
+
+
+def with_db_retry(fn: Callable[..., T], *args: Any, tries: int = 8, **kwargs: Any) -> T:
+    """Call ``fn``, riding out a short database outage (about a minute with backoff)."""
+    delay = 0.5
+    for i in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except OperationalError:
+            if i == tries - 1:
+                raise
+            log.warning("database unavailable; retrying in %.1fs", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15)
+    raise AssertionError("unreachable")
 
 
 def _resume_point(claim: Claim) -> Path | None:
@@ -167,13 +192,13 @@ def run_job(job_id: str, worker: str | None = None) -> str:
         lease.end_attempt(job_id, claim.attempt, "fenced")
         return "lost"
     except (InvalidDataset, ModelLoadError) as e:
-        lease.finish(job_id, claim.attempt, "failed", level="error",
+        with_db_retry(lease.finish, job_id, claim.attempt, "failed", level="error",
                      message=f"Job failed: {e.message}",
                      error={"code": e.code, "message": e.message, "param": e.param})
         return "failed"
     except Exception as e:  # noqa: BLE001 - anything else may be transient (OOM, I/O, a bug)
         log.exception("job %s attempt %d crashed", job_id, claim.attempt)
-        lease.release(job_id, claim.attempt, count_failure=True,
+        with_db_retry(lease.release, job_id, claim.attempt, count_failure=True,
                       reason=f"Attempt {claim.attempt} failed: {type(e).__name__}: {e}",
                       step=hooks.step or None)
         return "retry"
@@ -192,7 +217,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     resume = _resume_point(claim)
     if resume is not None:
         step = checkpoints.step_of(resume)
-        hooks._write(resumed_from_step=step,
+        hooks.write(resumed_from_step=step,
                      event=f"Resumed from checkpoint-{step} on attempt {claim.attempt}",
                      event_data={"step": step, "attempt": claim.attempt})
 
@@ -207,7 +232,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     tokenizer = load_tokenizer(spec.model)
     data = prepare(spec, tokenizer, train_path, train_hash, valid_path, valid_hash)
     if data.cached:
-        hooks._write(event="Using the preprocessed data set cached by an earlier attempt")
+        hooks.write(event="Using the preprocessed data set cached by an earlier attempt")
     name = fine_tuned_model_name(claim.model, claim.suffix, claim.job_id)
     result = train_adapter(
         spec, tokenizer, data, ckpt_root, storage.adapter_dir(claim.job_id),
@@ -215,17 +240,17 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         adapter_meta={"job_id": claim.job_id, "fine_tuned_model": name},
     )
     if result.stopped == "cancel":
-        lease.finish(claim.job_id, claim.attempt, "cancelled",
+        with_db_retry(lease.finish, claim.job_id, claim.attempt, "cancelled",
                      message=f"Job cancelled at step {result.step}")
         return "cancelled"
     if result.stopped == "preempt":
-        lease.release(claim.job_id, claim.attempt, count_failure=False,
+        with_db_retry(lease.release, claim.job_id, claim.attempt, count_failure=False,
                       reason="Worker shutting down (preempted); checkpoint saved",
                       step=result.step)
         return "preempted"
     assert result.adapter_dir is not None
-    done = lease.finish(
-        claim.job_id, claim.attempt, "succeeded",
+    done = with_db_retry(
+        lease.finish, claim.job_id, claim.attempt, "succeeded",
         message=f"Fine-tuning job succeeded: {name}, adapter at {result.adapter_dir}",
         fine_tuned_model=name, adapter_dir=storage.relative(result.adapter_dir),
         trained_tokens=result.trained_tokens, estimated_finish=None,

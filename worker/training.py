@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +60,25 @@ class StopTraining(Exception):
     """Raised from a callback to abandon training without saving (the lease is lost)."""
 
 
-@dataclass
 class Hooks:
-    """What the caller learns during training, and how it stops it. All optional."""
+    """What the caller learns during training, and how it stops it. The base class does
+    nothing; the job runner subclasses it to write to the database."""
 
-    on_start: Callable[[dict[str, Any]], None] = lambda info: None
-    on_progress: Callable[[dict[str, Any]], None] = lambda progress: None
-    on_metrics: Callable[[int, dict[str, Any]], None] = lambda step, metrics: None
-    on_checkpoint: Callable[[int, Path, dict[str, Any]], None] = lambda step, path, m: None
-    # Returns None to go on, "cancel" / "preempt" to stop (preempt saves first), "lost" to abandon.
-    should_stop: Callable[[], str | None] = lambda: None
+    def on_start(self, info: dict[str, Any]) -> None:
+        """Training is set up: parameter counts, data set sizes, total steps, start step."""
+
+    def on_progress(self, progress: dict[str, Any]) -> None:
+        """Step, loss, epoch, tokens/s and ETA, at most every half second."""
+
+    def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Logged training metrics (every ``logging_steps``) and validation loss."""
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        """A complete checkpoint was written at ``path``."""
+
+    def should_stop(self) -> str | None:
+        """None to go on; "cancel" or "preempt" (saves first) to stop; "lost" to abandon."""
+        return None
 
 
 @dataclass
