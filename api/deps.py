@@ -25,11 +25,16 @@ def get_db() -> Iterator[Session]:
         session.close()
 
 
+# scope="function": the commit runs before the response is sent. With the default ("request")
+# it would run after, so a client's next request could miss what the previous one wrote, and a
+# failed commit would follow a 200.
+DbSession = Annotated[Session, Depends(get_db, scope="function")]
+
 bearer = HTTPBearer(auto_error=False, description="An API key from `lorafleet keys create`.")
 
 
 def get_project(
-    session: Annotated[Session, Depends(get_db)],
+    session: DbSession,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
     """The project (tenant) of the request's API key; 401 without a valid key."""
@@ -37,5 +42,5 @@ def get_project(
     return authenticate(session, header)
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = DbSession
 ProjectDep = Annotated[str, Depends(get_project)]

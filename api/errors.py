@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import LorafleetError
@@ -14,26 +17,66 @@ from shared.errors import LorafleetError
 log = logging.getLogger(__name__)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, as OpenAI shapes it."""
+
+    error: ErrorDetail
+
+
+# Documented on every /v1 route, so clients (and schema checks) know the error shape; this
+# also replaces FastAPI's default 422 schema, which is not what we send.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "Invalid request or data"),
+        (401, "Missing or invalid API key"),
+        (404, "No such object in this project"),
+        (409, "Conflicts with the object's state"),
+        (413, "Request body over the operator's limit"),
+        (422, "A field is invalid or over the operator's limit"),
+        (429, "Over a per-project limit; see Retry-After"),
+    ]
+}
+
+
 def error_body(message: str, type_: str, param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# Union branch names pydantic adds to a location ("PromptFormat", "constrained-int",
+# "literal['auto']"): not fields.
+_BRANCH = re.compile(r"[A-Z].*|function-.*|constrained-.*|literal\[.*\]|int|float|str|bool")
+
+
 def _loc(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "form", "header")]
-    # pydantic adds the union branch name (e.g. "PromptFormat") to the location; drop it.
-    return ".".join(p for p in parts if not p[:1].isupper() and not p.startswith("function-"))
+    return ".".join(p for p in parts if not _BRANCH.fullmatch(p))
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(LorafleetError)
     async def _domain(_: Request, exc: LorafleetError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code),
-                            status_code=exc.status)
+                            status_code=exc.status, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            # Not a field problem: the body is not JSON at all (as OpenAI, a 400).
+            detail = (errors[0].get("ctx") or {}).get("error", "syntax error")
+            where = errors[0].get("loc", ("body", "?"))[-1]
+            return JSONResponse(error_body(
+                f"the request body is not valid JSON: {detail} (at character {where})",
+                "invalid_request_error", None, "invalid_json"), status_code=400)
         msgs = []
         for err in errors[:10]:
             where = _loc(tuple(err.get("loc", ())))
@@ -50,7 +93,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code,
+        body = error_body(str(exc.detail), type_, getattr(exc, "param", None),
+                          getattr(exc, "code", None))
+        return JSONResponse(body, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

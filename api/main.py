@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from api import errors
-from api.routes import files, health, jobs
+from api.engine import EngineClient
+from api.limits import RequestLimits
+from api.routes import files, health, inference, jobs
 from shared.settings import get_settings
 
 
@@ -19,7 +20,11 @@ async def _lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         from shared.migrate import upgrade
 
         upgrade()
-    yield
+    app.state.engine = EngineClient(settings.engine_url, settings.engine_timeout_seconds)
+    try:
+        yield
+    finally:
+        await app.state.engine.aclose()
 
 
 def create_app() -> FastAPI:
@@ -30,20 +35,9 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     errors.install(app)
-
-    @app.middleware("http")
-    async def _upload_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
-        # Refuse an oversized upload before reading it (the multipart slack is generous).
-        if request.method == "POST" and request.url.path == "/v1/files":
-            length = request.headers.get("content-length")
-            limit = get_settings().max_upload_bytes + 1024 * 1024
-            if length and length.isdigit() and int(length) > limit:
-                return JSONResponse(errors.error_body(
-                    f"file is larger than the limit of {get_settings().max_upload_bytes} bytes",
-                    "invalid_request_error", "file", "payload_too_large"), status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestLimits)
 
     app.include_router(health.router)
-    app.include_router(files.router)
-    app.include_router(jobs.router)
+    for router in (files.router, jobs.router, inference.router):
+        app.include_router(router, responses=errors.ERROR_RESPONSES)
     return app

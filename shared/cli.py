@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from shared.settings import get_settings
 
@@ -26,8 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     sub.add_parser("migrate", help="upgrade the database schema to the newest version")
     sub.add_parser("sweep", help="re-queue jobs whose worker vanished (workers do this too)")
-    up = sub.add_parser("up", help="API + one worker on this machine, in the foreground")
-    up.add_argument("--no-worker", action="store_true", help="start the API only")
+    sub.add_parser("serve", help="run the inference engine that serves the adapters (uvicorn)")
+    up = sub.add_parser("up", help="API + one worker + the inference engine on this machine, "
+                        "in the foreground")
+    up.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    up.add_argument("--no-engine", action="store_true", help="do not start the engine")
+
+    demo = sub.add_parser("demo", help="train a LoRA adapter end to end on this machine, in a "
+                          "local folder (tiny model, bundled sample data)")
+    demo.add_argument("--dir", default=".demo", help="working folder (default .demo)")
+    demo.add_argument("--port", type=int, default=None,
+                      help="API port (default: LORAFLEET_PORT if set, else a free port)")
+    demo.add_argument("--max-steps", type=int, default=40)
+    demo.add_argument("--save-steps", type=int, default=10)
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a small random-init Phi model and a tokenizer trained here")
@@ -70,6 +83,15 @@ def cmd_api() -> int:
     return 0
 
 
+def cmd_serve() -> int:
+    import uvicorn
+
+    s = get_settings()
+    uvicorn.run("worker.serving.app:create_app", factory=True, host=s.engine_host,
+                port=s.engine_port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from shared.migrate import upgrade
 
@@ -90,7 +112,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """API and worker as child processes; Ctrl-C (or SIGTERM) stops both cleanly."""
+    """API, worker and engine as child processes; Ctrl-C (or SIGTERM) stops them cleanly."""
     from shared.migrate import upgrade
 
     upgrade()
@@ -98,6 +120,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     procs = [subprocess.Popen([*exe, "api"])]
     if not args.no_worker:
         procs.append(subprocess.Popen([*exe, "worker"]))
+    if not args.no_engine:
+        procs.append(subprocess.Popen([*exe, "serve"]))
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -129,7 +153,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def watch_job(base_url: str, job_id: str, api_key: str | None = None,
+              interval: float = 0.5) -> dict[str, Any] | None:
+    """Show a live progress bar until the job ends; returns the final job (``None`` on an API
+    error, which is printed to stderr)."""
     import httpx
     from rich.progress import (
         BarColumn,
@@ -139,10 +166,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
-    url = f"{_base_url(args.base_url)}/fine_tuning/jobs/{args.job_id}"
-    headers = {}
-    if key := os.environ.get("LORAFLEET_API_KEY") or os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = f"Bearer {key}"
+    url = f"{base_url.rstrip('/')}/fine_tuning/jobs/{job_id}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(timeout=10, headers=headers) as client, Progress(
         TextColumn("[bold]{task.fields[status]:>9}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("eta"), TimeRemainingColumn(),
@@ -153,15 +178,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if r.status_code != 200:
                 bar.stop()
                 print(f"error {r.status_code}: {r.text}", file=sys.stderr)
-                return 1
-            job = r.json()
+                return None
+            job: dict[str, Any] = r.json()
             p = job.get("progress") or {}
             loss = p.get("loss")
             bar.update(task, total=p.get("total_steps"), completed=p.get("step", 0),
                        status=job["status"], loss=f"{loss:.4f}" if loss is not None else "-")
             if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(args.interval)
+                return job
+            time.sleep(interval)
+
+
+def report_job(job: dict[str, Any]) -> int:
+    """Print a finished job's result; 0 if it succeeded, 2 otherwise."""
     if job["status"] == "succeeded":
         print(f"succeeded: {job['fine_tuned_model']}")
         print(f"adapter: {job['adapter_path']}")
@@ -169,6 +198,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     err = (job.get("error") or {}).get("message", "")
     print(f"{job['status']}: {err}", file=sys.stderr)
     return 2
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    key = os.environ.get("LORAFLEET_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    job = watch_job(_base_url(args.base_url), args.job_id, key, args.interval)
+    return 1 if job is None else report_job(job)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -213,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "up":
         return cmd_up(args)
+    if args.command == "serve":
+        return cmd_serve()
+    if args.command == "demo":
+        from shared.demo import DemoOptions, run_demo
+
+        return run_demo(DemoOptions(Path(args.dir), args.port, args.max_steps, args.save_steps))
     if args.command == "make-tiny-model":
         from worker.tiny_model import build_tiny_model
 

@@ -48,3 +48,32 @@ class ValidationFailed(LorafleetError):
 
     status = 422
     code = "invalid_value"
+
+
+class ModelNotReady(LorafleetError):
+    """A fine-tuned model whose job has not succeeded (yet): it cannot be served."""
+
+    status = 409
+    code = "model_not_ready"
+
+
+class ContextLengthExceeded(LorafleetError):
+    code = "context_length_exceeded"
+
+
+class Overloaded(LorafleetError):
+    """Too many requests wait already; the client should retry after ``retry_after`` s."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
+class ServiceUnavailable(LorafleetError):
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"

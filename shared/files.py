@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared import storage
 from shared.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge
-from shared.ids import new_id, now
+from shared.ids import new_id, now, plausible_id
 from shared.models import File, Job
 from shared.records import SHAPES, RecordError, check_messages, detect_shape
 from shared.schemas import TERMINAL_STATUSES
@@ -78,7 +78,8 @@ def validate_jsonl(path: Path) -> tuple[int, str, list[str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InvalidDataset(f"line {lineno}: not valid UTF-8 ({e.reason})") from e
+                raise InvalidDataset(f"line {lineno}: not valid UTF-8 ({e.reason})",
+                                     param="file") from e
             if len(text) > settings.max_record_chars:
                 raise InvalidDataset(
                     f"line {lineno}: record is {len(text)} characters, the limit is "
@@ -93,6 +94,12 @@ def validate_jsonl(path: Path) -> tuple[int, str, list[str]]:
             if not isinstance(record, dict):
                 raise InvalidDataset(
                     f"line {lineno}: expected a JSON object, got {type(record).__name__}",
+                    param="file",
+                )
+            if "\\u" in text and not _encodable(record):
+                raise InvalidDataset(
+                    f"line {lineno}: a \\u escape makes a lone UTF-16 surrogate, which is not "
+                    "text (escape characters outside the BMP as a surrogate pair)",
                     param="file",
                 )
             if count == 0:
@@ -155,6 +162,16 @@ def save_upload(
         raise
 
 
+def _encodable(record: dict[str, Any]) -> bool:
+    """Whether every string in ``record`` is valid Unicode: JSON's ``\\ud800`` escapes decode
+    to lone surrogates, which no tokenizer, database or UTF-8 response can take."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _clean_filename(name: str) -> str:
     """Keep the base name only; it is shown back, never used as a path."""
     base = os.path.basename(name.replace("\\", "/")) or "upload.jsonl"
@@ -162,7 +179,8 @@ def _clean_filename(name: str) -> str:
 
 
 def get_file(session: Session, file_id: str, project: str = "default") -> File:
-    row = session.scalar(select(File).where(File.id == file_id, File.project == project))
+    row = (session.scalar(select(File).where(File.id == file_id, File.project == project))
+           if plausible_id(file_id) else None)
     if row is None:
         raise NotFound(f"No such file: {file_id}", param="file_id")
     return row

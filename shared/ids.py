@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
+
+# Every id we hand out (``file-…``, ``ftjob-…``, ``ftckpt-…-12``) is short and plain ASCII.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def new_id(prefix: str) -> str:
@@ -14,3 +18,9 @@ def new_id(prefix: str) -> str:
 def now() -> int:
     """Unix time in whole seconds, as OpenAI objects carry it."""
     return int(time.time())
+
+
+def plausible_id(value: str) -> bool:
+    """Whether ``value`` could be one of our ids. Anything else (NUL, surrogates, 10 kB of
+    text) is answered "not found" without a query: PostgreSQL rejects NUL in text."""
+    return _ID.fullmatch(value) is not None

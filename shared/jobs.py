@@ -7,12 +7,19 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared import files, storage
-from shared.errors import Conflict, InvalidDataset, InvalidRequest, NotFound, ValidationFailed
-from shared.ids import new_id, now
+from shared.errors import (
+    Conflict,
+    InvalidDataset,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    ValidationFailed,
+)
+from shared.ids import new_id, now, plausible_id
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.records import DEFAULT_INSTRUCTION, RecordError, to_example
 from shared.schemas import (
@@ -32,6 +39,11 @@ from shared.templates import PromptFormat, template_fields
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 DEFAULT_BATCH_SIZE = 4
+WAITING_STATUSES = ("validating_files", "queued")
+# A full queue frees a slot when one of the project's jobs starts: minutes, not seconds.
+QUEUE_FULL_RETRY_AFTER_S = 60
+# Keys of PostgreSQL advisory locks (first half of the pair; the second is the project).
+QUEUE_LOCK, RUNNING_LOCK = 1, 2
 
 
 # --------------------------------------------------------------------------- events
@@ -44,36 +56,80 @@ def add_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
 ) -> None:
+    # Messages may quote user data (a column name, a file's line); PostgreSQL text cannot
+    # hold NUL, and a failed event write must never be what fails a job.
+    message = message.replace("\x00", "\\x00")
     session.add(
         JobEvent(job_id=job_id, created_at=now(), level=level, type=type, message=message,
                  data=data)
     )
 
 
+def lock_project(session: Session, project: str, purpose: int) -> None:
+    """Serialise one kind of per-project admission decision (``QUEUE_LOCK``, ``RUNNING_LOCK``)
+    until the transaction ends. PostgreSQL only: SQLite runs one writer at a time already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(purpose, func.hashtext(project))))
+
+
 # --------------------------------------------------------------------------- create
 def _check_model(model: str) -> str:
-    """A hub id, or a local folder (under ``models_dir`` when the operator set one)."""
-    settings = get_settings()
-    if ".." in Path(model).parts or "\x00" in model:
-        raise InvalidRequest("model must not contain '..'", param="model")
-    looks_like_path = model.startswith(("/", "./", "~")) or Path(model).is_dir()
-    if not looks_like_path:
-        if not HUB_ID.match(model):
-            raise InvalidRequest(
-                f"model '{model}' is neither a model id like 'microsoft/phi-2' nor a folder",
-                param="model",
-            )
-        return model
-    path = Path(model).expanduser().resolve()
-    if settings.models_dir is not None:
-        allowed = settings.models_dir.expanduser().resolve()
-        if not path.is_relative_to(allowed):
-            raise InvalidRequest(
-                "local models must be under the operator's models folder", param="model"
-            )
+    """A hub id (``org/name``), or an absolute path under the operator's ``models_dir``.
+
+    Users never name other server paths: no relative or ``~`` paths, no ``..``, no symlink
+    out of the models folder, and no local path at all while ``models_dir`` is unset.
+
+    Raises:
+        InvalidRequest: any other ``model``.
+    """
+    if not model.isprintable():  # NUL, control and bidi characters, lone surrogates
+        raise InvalidRequest("model contains control or invisible characters", param="model")
+    if not model.startswith("/"):
+        # transformers prefers a local folder of the same name over the hub: a hub id that
+        # names a folder here (relative to the server's working directory) is refused.
+        if HUB_ID.match(model) and ".." not in model and not Path(model).exists():
+            return model
+        raise InvalidRequest(
+            f"model '{model}' is not a model id like 'microsoft/phi-2' (local models are "
+            "named by an absolute path under the operator's models folder)",
+            param="model",
+        )
+    models_dir = get_settings().models_dir
+    if models_dir is None:
+        raise InvalidRequest(
+            "local model paths are not accepted by this server (its operator has set no "
+            "models folder, LORAFLEET_MODELS_DIR); name a hub model id",
+            param="model",
+        )
+    path = Path(model).resolve()  # follows symlinks, so a link out of the folder is refused
+    if not path.is_relative_to(models_dir.resolve()):
+        raise InvalidRequest("local models must be under the operator's models folder",
+                             param="model")
     if not path.is_dir():
         raise InvalidRequest(f"model folder '{model}' does not exist", param="model")
     return str(path)
+
+
+def _check_queue(session: Session, project: str) -> None:
+    """Refuse a job while the project has ``max_queued_jobs_per_project`` waiting (429)."""
+    limit = get_settings().max_queued_jobs_per_project
+    lock_project(session, project, QUEUE_LOCK)
+    waiting = session.scalar(select(func.count()).select_from(Job).where(
+        Job.project == project, Job.status.in_(WAITING_STATUSES)))
+    if waiting is not None and waiting >= limit:
+        raise Overloaded(
+            f"Too many queued fine-tuning jobs: this project has {waiting} waiting, the limit "
+            f"is {limit}. Retry when some have started, or cancel some.",
+            retry_after=QUEUE_FULL_RETRY_AFTER_S,
+        )
+
+
+def _input_file(session: Session, file_id: str, project: str, param: str) -> File:
+    """A file the job reads; 404 naming the request field when the project has no such file."""
+    try:
+        return files.get_file(session, file_id, project)
+    except NotFound as e:
+        raise NotFound(f"{param}: no such file: {file_id}", param=param) from e
 
 
 def _check_limits(req: JobCreate) -> None:
@@ -83,8 +139,10 @@ def _check_limits(req: JobCreate) -> None:
         problems.append(("max_length", f"max_length must be at most {s.max_length_limit}"))
     if req.lora.r > s.max_lora_r:
         problems.append(("lora.r", f"lora.r must be at most {s.max_lora_r}"))
-    if req.max_steps is not None and req.max_steps > s.max_steps_limit:
-        problems.append(("max_steps", f"max_steps must be at most {s.max_steps_limit}"))
+    for name in ("max_steps", "save_steps", "logging_steps"):
+        value = getattr(req, name)
+        if value is not None and value > s.max_steps_limit:
+            problems.append((name, f"{name} must be at most {s.max_steps_limit}"))
     n_epochs = req.n_epochs or req.openai_hyperparameters().n_epochs
     if isinstance(n_epochs, int | float) and n_epochs > s.max_epochs_limit:
         problems.append(("n_epochs", f"n_epochs must be at most {s.max_epochs_limit}"))
@@ -121,8 +179,9 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     """Validate a request against the operator's limits and the data; the worker's input."""
     _check_limits(req)
     model = _check_model(req.model)
-    train = files.get_file(session, req.training_file, project)
-    valid = files.get_file(session, req.validation_file, project) if req.validation_file else None
+    train = _input_file(session, req.training_file, project, "training_file")
+    valid = (_input_file(session, req.validation_file, project, "validation_file")
+             if req.validation_file else None)
     fmt = PromptFormat.parse(req.prompt_format)
     shape = _check_records(train, fmt, req.column_map, "training_file")
     if valid is not None:
@@ -156,6 +215,8 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         logging_steps=req.logging_steps,
         train_on_inputs=req.train_on_inputs,
         packing=req.packing,
+        gradient_checkpointing=req.gradient_checkpointing,
+        quantization=req.quantization,
         seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
     )
 
@@ -166,7 +227,12 @@ def fine_tuned_model_name(model: str, suffix: str | None, job_id: str) -> str:
 
 
 def create_job(session: Session, req: JobCreate, project: str = "default") -> Job:
-    """Validate and insert a job as ``queued``; the caller commits, then enqueues it."""
+    """Validate and insert a job as ``queued``; the caller commits, then enqueues it.
+
+    Raises:
+        Overloaded: the project has ``max_queued_jobs_per_project`` jobs waiting already.
+    """
+    _check_queue(session, project)
     spec = build_spec(session, req, project)
     job = Job(
         id=new_id("ftjob"),
@@ -191,7 +257,8 @@ def create_job(session: Session, req: JobCreate, project: str = "default") -> Jo
 
 # --------------------------------------------------------------------------- read
 def get_job(session: Session, job_id: str, project: str = "default") -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.project == project))
+    job = (session.scalar(select(Job).where(Job.id == job_id, Job.project == project))
+           if plausible_id(job_id) else None)
     if job is None:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return job
@@ -219,9 +286,14 @@ def list_events(
     query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc())
     if after:
         try:
-            query = query.where(JobEvent.seq < int(after.removeprefix("ftevent-")))
+            seq = int(after.removeprefix("ftevent-"))
         except ValueError as e:
             raise InvalidRequest(f"after: '{after}' is not an event id", param="after") from e
+        # Only an event of this job is a cursor: another job's ids do not exist here.
+        if not 0 < seq < 2**63 or session.scalar(select(JobEvent.seq).where(
+                JobEvent.seq == seq, JobEvent.job_id == job_id)) is None:
+            raise NotFound(f"No such event: {after}", param="after")
+        query = query.where(JobEvent.seq < seq)
     rows = list(session.scalars(query.limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
@@ -238,7 +310,9 @@ def list_checkpoints(
         .order_by(Checkpoint.step_number.desc(), Checkpoint.seq.desc())
     )
     if after:
-        ref = session.scalar(select(Checkpoint).where(Checkpoint.id == after))
+        ref = (session.scalar(select(Checkpoint).where(Checkpoint.id == after,
+                                                       Checkpoint.job_id == job_id))
+               if plausible_id(after) else None)
         if ref is None:
             raise NotFound(f"No such checkpoint: {after}", param="after")
         query = query.where(Checkpoint.step_number < ref.step_number)
@@ -306,6 +380,8 @@ def job_public(job: Job) -> JobPublic:
         learning_rate=spec.learning_rate,
         train_on_inputs=spec.train_on_inputs,
         packing=spec.packing,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        quantization=spec.quantization,
         progress=Progress(**job.progress) if job.progress else None,
         trainable_parameters=job.trainable_parameters,
         total_parameters=job.total_parameters,

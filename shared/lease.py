@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import aliased
 
 from shared.db import session_scope
 from shared.ids import now
-from shared.jobs import add_event
+from shared.jobs import RUNNING_LOCK, add_event, lock_project
 from shared.models import Checkpoint, Job, JobAttempt
 from shared.queue import enqueue_job
 from shared.settings import get_settings
@@ -53,8 +54,12 @@ def claim(job_id: str, worker: str) -> Claim | None:
 
     On PostgreSQL the row is locked with ``FOR UPDATE SKIP LOCKED`` so competing workers do not
     wait for each other; SQLite serialises writers, and the conditional update decides there.
+
+    A job whose project already runs ``max_running_jobs_per_project`` jobs is left queued
+    (``None``); the sweeper sends it again after ``requeue_after_seconds``.
     """
     t = time.time()
+    limit = get_settings().max_running_jobs_per_project
     with session_scope() as s:
         job = s.scalar(
             select(Job)
@@ -65,10 +70,23 @@ def claim(job_id: str, worker: str) -> Claim | None:
             return None
         if job.not_before is not None and job.not_before > t:
             return None
+        under_limit = []
+        if limit is not None:
+            lock_project(s, job.project, RUNNING_LOCK)
+            other = aliased(Job)
+            running = (select(func.count()).select_from(other)
+                       .where(other.project == job.project, other.status == "running"))
+            if (s.scalar(running) or 0) >= limit:
+                log.info("job %s stays queued: project %s runs %d jobs already", job_id,
+                         job.project, limit)
+                return None
+            # Counted again inside the update: on SQLite the update is the atomic step.
+            under_limit.append(running.scalar_subquery() < limit)
         new_attempt = job.attempt + 1
         won = s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt)
+            .where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt,
+                   *under_limit)
             .values(status="running", attempt=new_attempt, lease_owner=worker, heartbeat_at=t,
                     not_before=None)
         ).rowcount
@@ -153,9 +171,12 @@ def mark_checkpoints_deleted(job_id: str, steps: list[int]) -> None:
 
 
 def end_attempt(job_id: str, attempt: int, outcome: str) -> None:
+    """Close an attempt's fencing record. The first close wins: a worker that comes back after
+    the sweeper declared it lost must not move the end of its attempt past the next claim."""
     with session_scope() as s:
         s.execute(update(JobAttempt)
-                  .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
+                  .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                         JobAttempt.ended_at.is_(None))
                   .values(ended_at=time.time(), outcome=outcome))
 
 
@@ -208,7 +229,10 @@ def release(job_id: str, attempt: int, *, reason: str, count_failure: bool,
     end_attempt(job_id, attempt, "released" if status == "queued" else status)
     if status == "queued":
         not_before = values.get("not_before")
-        enqueue_job(job_id, countdown=not_before - time.time() if not_before else None)
+        try:
+            enqueue_job(job_id, countdown=not_before - time.time() if not_before else None)
+        except Exception:  # broker down: the job is queued in the database, the sweeper sends it
+            log.warning("could not enqueue %s; the sweeper will", job_id, exc_info=True)
     return True
 
 

@@ -13,7 +13,7 @@ from shared.settings import get_settings
 
 def alembic_config(url: str | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(Path(list(migrations.__path__)[0])))
     cfg.set_main_option("sqlalchemy.url", url or get_settings().effective_database_url)
     return cfg
 

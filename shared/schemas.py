@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,7 +14,8 @@ BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier multiplies
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's JSON parser takes NaN and Infinity; no request field means either.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- requests
@@ -41,9 +42,10 @@ class LoraSpec(Strict):
 
 
 class OpenAIHyperparameters(Strict):
-    n_epochs: int | Literal["auto"] | None = Field(None, ge=1)
-    batch_size: int | Literal["auto"] | None = Field(None, ge=1, le=1024)
-    learning_rate_multiplier: float | Literal["auto"] | None = Field(None, gt=0, le=100)
+    # Bounds sit on the number branch: on the whole union they would be applied to "auto".
+    n_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
 
 
 class SupervisedMethod(Strict):
@@ -85,7 +87,19 @@ class JobCreate(Strict):
     train_on_inputs: bool = Field(
         False, description="True: loss on every token (labels = input_ids, the seed's recipe)."
     )
-    packing: bool = Field(False, description="Pack samples without padding (attention per sample).")
+    packing: bool = Field(
+        True,
+        description="Lay a batch's samples end to end with no padding; attention stays within "
+        "each sample, so the loss is the padded batch's. False: padded batches (the seed's).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, more time."
+    )
+    quantization: Literal["4bit"] | None = Field(
+        None,
+        description="'4bit': load the base model in 4-bit NF4 (QLoRA; needs a CUDA worker with "
+        "bitsandbytes, else the job fails saying so).",
+    )
     column_map: dict[str, str] | None = Field(
         None, description="Our column name → yours, e.g. {'dialogue': 'conversation'}."
     )
@@ -141,6 +155,9 @@ class TrainingSpec(BaseModel):
     train_on_inputs: bool
     packing: bool
     seed: int
+    # Defaulted, so that specs stored before these options existed still validate.
+    gradient_checkpointing: bool = False
+    quantization: Literal["4bit"] | None = None
 
 
 # --------------------------------------------------------------------------- responses
@@ -223,6 +240,8 @@ class JobPublic(BaseModel):
     learning_rate: float
     train_on_inputs: bool
     packing: bool
+    gradient_checkpointing: bool = False
+    quantization: Literal["4bit"] | None = None
     progress: Progress | None = None
     trainable_parameters: int | None = None
     total_parameters: int | None = None

@@ -54,12 +54,32 @@ class Settings(BaseSettings):
     max_record_chars: int = Field(200_000, ge=1, description="Longest JSONL line (characters).")
     max_length_limit: int = Field(8192, ge=16, description="Largest accepted max_length.")
     max_lora_r: int = Field(256, ge=1, description="Largest accepted LoRA rank.")
-    max_steps_limit: int = Field(1_000_000, ge=1, description="Largest accepted max_steps.")
+    max_steps_limit: int = Field(
+        1_000_000, ge=1, description="Largest accepted max_steps, save_steps and logging_steps."
+    )
     max_epochs_limit: int = Field(100, ge=1, description="Largest accepted n_epochs.")
+    max_request_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Largest request body (bytes) of every route but uploads; larger is refused "
+        "with 413 before it is read.",
+    )
+    max_queued_jobs_per_project: int = Field(
+        100,
+        ge=1,
+        description="Most jobs of one project waiting to run; one more is refused with 429 and "
+        "a Retry-After header.",
+    )
+    max_running_jobs_per_project: int | None = Field(
+        None,
+        ge=1,
+        description="Most jobs of one project training at once; further jobs stay queued until "
+        "one ends. Unset: no limit but the number of workers.",
+    )
     models_dir: Path | None = Field(
         None,
-        description="Folder under which local base models may be named by path. Unset: any "
-        "readable local path is accepted (single-user installs).",
+        description="Folder of the operator's local base models: a job may name a model by an "
+        "absolute path under it. Unset: only hub ids are accepted, never a local path.",
     )
 
     # --- job lifecycle -------------------------------------------------------------------
@@ -89,6 +109,54 @@ class Settings(BaseSettings):
 
     # --- training defaults ---------------------------------------------------------------
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+
+    # --- inference engine (`lorafleet serve`) --------------------------------------------
+    engine_url: str = Field(
+        "http://127.0.0.1:8001",
+        description="Where the API finds the inference engine. The engine has no auth of its "
+        "own: keep it on a private network.",
+    )
+    engine_host: str = Field("127.0.0.1", description="Interface the engine listens on.")
+    engine_port: int = Field(8001, ge=1, le=65535, description="Port the engine listens on.")
+    engine_device: str = Field(
+        "auto", description="Device of the served models: 'auto', 'cpu', 'cuda', 'cuda:1'."
+    )
+    engine_torch_threads: int = Field(
+        0, ge=0, description="CPU threads for torch in the engine; 0: torch's default."
+    )
+    engine_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Lower the engine's CPU priority by this much (Unix niceness). On a CPU "
+        "host shared with the API, 10 keeps the API responsive while the engine is saturated.",
+    )
+    engine_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long the API waits for the engine to answer."
+    )
+    batch_window_ms: float = Field(
+        10.0,
+        ge=0,
+        description="How long the engine waits for more requests before it starts a batch.",
+    )
+    max_batch_size: int = Field(
+        32, ge=1, description="Most sequences (requests x n) generated in one batch."
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests waiting for a batch beyond this are refused with 429."
+    )
+    adapter_cache_count: int = Field(
+        16, ge=1, description="Most adapters kept loaded per base model (LRU)."
+    )
+    adapter_cache_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Most adapter weight bytes kept loaded per base model."
+    )
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest accepted max_tokens of a completion request."
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens of a request that sets none (capped by the context)."
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -36,7 +36,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
 
 # The service that runs each lorafleet subcommand.
-APP_SERVICES = {"api": "api", "worker": "worker", "migrate": "migrate"}
+APP_SERVICES = {"api": "api", "worker": "worker", "migrate": "migrate", "engine": "serve"}
 REQUIRED_SERVICES = {"redis", "postgres", *APP_SERVICES}
 STORAGE_VAR = "LORAFLEET_STORAGE_DIR"
 
@@ -400,6 +400,24 @@ def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
     assert "curl" not in api_probe and "wget" not in api_probe, "slim images lack curl/wget"
     worker_probe = healthcheck_text(services["worker"])
     assert "celery" in worker_probe and "inspect ping" in worker_probe
+    engine_probe = healthcheck_text(services["engine"])
+    assert "python" in engine_probe and "urllib" in engine_probe
+
+
+def test_api_reaches_the_engine(services: dict[str, dict[str, Any]]) -> None:
+    """The API forwards inference to the engine service, which listens on the compose network
+    only: it has no keys of its own, so it must not publish a port."""
+    engine = services["engine"]
+    env = as_env_dict(engine.get("environment"))
+    port = int(env.get("LORAFLEET_ENGINE_PORT",
+                       Settings.model_fields["engine_port"].default))
+    assert env.get("LORAFLEET_ENGINE_HOST") == "0.0.0.0", "the engine must listen on all interfaces"
+    assert not engine.get("ports"), "the engine is unauthenticated: do not publish its port"
+    url = urlsplit(as_env_dict(services["api"].get("environment")).get("LORAFLEET_ENGINE_URL", ""))
+    assert url.scheme == "http" and url.hostname == "engine", f"api engine url {url.geturl()!r}"
+    assert (url.port or 80) == port
+    m = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)/health\b", healthcheck_text(engine))
+    assert m and int(m.group(1)) == port, "engine healthcheck does not request its /health"
 
 
 def test_postgres_keeps_data_in_named_volume(compose: dict[str, Any]) -> None:
@@ -412,14 +430,15 @@ def test_postgres_keeps_data_in_named_volume(compose: dict[str, Any]) -> None:
     assert source and source in (compose.get("volumes") or {}), "postgres data is not persisted"
 
 
-def test_worker_reserves_gpus(services: dict[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize("service", ["worker", "engine"])
+def test_gpu_services_reserve_gpus(services: dict[str, dict[str, Any]], service: str) -> None:
     devices = (
-        ((services["worker"].get("deploy") or {}).get("resources") or {}).get("reservations") or {}
+        ((services[service].get("deploy") or {}).get("resources") or {}).get("reservations") or {}
     ).get("devices") or []
     gpus = [
         d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
     ]
-    assert gpus, "worker has no nvidia GPU device reservation"
+    assert gpus, f"{service} has no nvidia GPU device reservation"
     count = interpolate_defaults(gpus[0].get("count", "all"))
     assert count == "all" or int(count) >= 1, f"bad GPU count {count!r}"
 

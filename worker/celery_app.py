@@ -14,8 +14,15 @@ import signal
 import threading
 from typing import Any
 
+import billiard.pool
 import psutil
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.exceptions import Reject
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from shared import lease
 from shared.queue import RUN_JOB_TASK, get_celery
@@ -29,8 +36,13 @@ IN_PROCESS_POOL = False  # set by ``lorafleet worker --pool solo``
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str) -> str:
     """Wake-up for ``job_id``: train it if this worker wins the claim."""
+    from worker.runner import PREEMPT
     from worker.runner import run_job as run
 
+    if PREEMPT.is_set():
+        # This worker is shutting down but still receives messages until its last job ends,
+        # among them the wake-up of the job it just gave back: leave it to another worker.
+        raise Reject("worker shutting down", requeue=True)
     return run(job_id)
 
 
@@ -41,23 +53,61 @@ def _preempt(signum: int, _frame: Any) -> None:
     PREEMPT.set()
 
 
+# No task here has a soft time limit, and SIGUSR1 means "preempt" in a pool process; billiard
+# would install its soft-time-limit handler on SIGUSR1 in every pool process it forks, and an
+# idle one would then die of SoftTimeLimitExceeded when the worker is stopped.
+billiard.pool.soft_timeout_sighandler = _preempt
+
+
+@worker_init.connect
+def _preload(**_: Any) -> None:
+    # Import the training stack once, before the pool forks: the first pool child and every
+    # replacement of a child that died (a crashed job) start training without seconds of imports.
+    import worker.runner  # noqa: F401
+
+
 @worker_process_init.connect
 def _init_child(**_: Any) -> None:
     # The pool child trains; SIGUSR1 from the main process (on SIGTERM) asks it to checkpoint
-    # and hand the job back. Importing the training stack here makes the first job start fast.
+    # and hand the job back.
     signal.signal(signal.SIGUSR1, _preempt)
+    # A child forked after the sweeper ran inherits the main process's database connections;
+    # sharing a connection between processes corrupts it, so the child opens its own.
+    from shared import db
+
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose(close=False)
     import worker.runner  # noqa: F401
+
+    log.info("pool process %d ready to train", os.getpid())
 
 
 @worker_shutting_down.connect
 def _on_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:
     # SIGTERM reaches only the main process (docker stop, Kubernetes, spot preemption notices);
     # the job runs in a pool child, so pass the request on.
-    for child in psutil.Process(os.getpid()).children(recursive=False):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGUSR1)
+    children = psutil.Process(os.getpid()).children(recursive=False)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGUSR1)
     if IN_PROCESS_POOL:  # solo pool: the job runs in this very process
         _preempt(signal.SIGTERM, None)
+    elif children:
+        # Warm shutdown waits for the job; past the grace period the checkpoint is not coming
+        # (a step slower than the grace): exit anyway, the lease brings the job back.
+        grace = get_settings().preempt_grace_seconds
+        timer = threading.Timer(grace, _kill_stragglers, args=(children, grace))
+        timer.daemon = True
+        timer.start()
+
+
+def _kill_stragglers(children: list[psutil.Process], grace: float) -> None:
+    for child in children:
+        if child.is_running():  # is_running also tells a reused pid apart
+            log.warning("pool process %d still busy %.0fs after SIGTERM; killing it", child.pid,
+                        grace)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 class Sweeper(threading.Thread):

@@ -38,27 +38,42 @@ def worker_name() -> str:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the lease in the background and notices cancellation or a lost lease."""
+    """Renews the lease in the background and notices cancellation or a lost lease.
 
-    def __init__(self, claim: Claim, interval: float):
+    The lease also runs out *here*: a worker that could not renew it for nearly
+    ``lease_seconds`` (a database it cannot reach, a process that was frozen) must assume the
+    sweeper has given the job to someone else, and stop before it writes anything.
+    """
+
+    def __init__(self, claim: Claim, interval: float, lease_seconds: float):
         super().__init__(name=f"heartbeat-{claim.job_id}", daemon=True)
         self.claim = claim
         self.interval = interval
+        # Stop a little before the sweeper may re-queue: it acts on the same clock reading.
+        self.budget = max(lease_seconds - 2 * interval, lease_seconds / 2)
+        self.renewed = time.monotonic()  # the claim itself took the lease
         self.lost = threading.Event()
         self.cancel = threading.Event()
         self._stop = threading.Event()
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):
+            sent = time.monotonic()
             try:
                 beat = lease.heartbeat(self.claim.job_id, self.claim.attempt)
             except Exception:  # a short database outage: keep training, try again
                 log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
                 continue
-            if not beat.alive:
+            if beat.alive:
+                self.renewed = sent
+            else:
                 self.lost.set()
             if beat.cancel_requested:
                 self.cancel.set()
+
+    def expired(self) -> bool:
+        """True once the lease was not renewed for longer than this worker may assume it holds."""
+        return time.monotonic() - self.renewed > self.budget
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,6 +151,11 @@ class JobHooks(Hooks):
     def should_stop(self) -> str | None:
         if self.beat.lost.is_set():
             return "lost"
+        if self.beat.expired():
+            log.warning("job %s: lease not renewed for %.1fs; stopping", self.claim.job_id,
+                        time.monotonic() - self.beat.renewed)
+            self.beat.lost.set()
+            return "lost"
         if self.beat.cancel.is_set():
             return "cancel"
         if PREEMPT.is_set():
@@ -158,6 +178,17 @@ def with_db_retry(fn: Callable[..., T], *args: Any, tries: int = 8, **kwargs: An
     raise AssertionError("unreachable")
 
 
+def _give_up_lease(claim: Claim, step: int) -> None:
+    """After this worker stopped for a lost or expired lease: if the job is somehow still ours
+    (the lease expired here first), hand it back now rather than after the sweeper's wait."""
+    try:
+        lease.release(claim.job_id, claim.attempt, count_failure=True, step=step or None,
+                      reason=f"Attempt {claim.attempt} could not renew its lease")
+        lease.end_attempt(claim.job_id, claim.attempt, "fenced")
+    except Exception:  # noqa: BLE001 - the database is away: the sweeper re-queues the job
+        log.warning("could not give %s back", claim.job_id, exc_info=True)
+
+
 def _resume_point(claim: Claim) -> Path | None:
     """The job's last good checkpoint, if it is still complete on disk."""
     if not claim.last_good_checkpoint:
@@ -165,8 +196,12 @@ def _resume_point(claim: Claim) -> Path | None:
     path = storage.root() / claim.last_good_checkpoint
     if checkpoints.complete_checkpoint(path):
         return path
-    log.warning("checkpoint %s of %s is gone or incomplete; starting over", path, claim.job_id)
-    return None
+    # Damaged or deleted by hand: an older complete checkpoint still beats starting over.
+    older = [p for step, p in checkpoints.list_complete(storage.checkpoints_dir(claim.job_id))
+             if claim.last_good_step is None or step <= claim.last_good_step]
+    log.warning("checkpoint %s of %s is gone or incomplete; %s", path, claim.job_id,
+                f"falling back to {older[-1].name}" if older else "starting over")
+    return older[-1] if older else None
 
 
 def run_job(job_id: str, worker: str | None = None) -> str:
@@ -182,14 +217,14 @@ def run_job(job_id: str, worker: str | None = None) -> str:
         log.info("job %s: not claimable (taken, finished, or not yet due)", job_id)
         return "skipped"
     settings = get_settings()
-    beat = Heartbeat(claim, settings.heartbeat_seconds)
+    beat = Heartbeat(claim, settings.heartbeat_seconds, settings.lease_seconds)
     beat.start()
     hooks = JobHooks(claim, beat)
     try:
         return _attempt(claim, hooks)
     except (StopTraining, LeaseLost):
         log.warning("job %s attempt %d lost its lease; stopped", job_id, claim.attempt)
-        lease.end_attempt(job_id, claim.attempt, "fenced")
+        _give_up_lease(claim, hooks.step)
         return "lost"
     except (InvalidDataset, ModelLoadError) as e:
         with_db_retry(lease.finish, job_id, claim.attempt, "failed", level="error",
@@ -212,8 +247,14 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     settings = get_settings()
     spec = TrainingSpec.model_validate(claim.spec)
     ckpt_root = storage.checkpoints_dir(claim.job_id)
-    for leftover in checkpoints.clean_incomplete(ckpt_root):
-        log.info("removed incomplete checkpoint %s", leftover)
+    leftovers = checkpoints.clean_incomplete(ckpt_root)
+    if leftovers:
+        names = sorted(p.name for p in leftovers)
+        log.info("job %s: removed incomplete checkpoints %s", claim.job_id, names)
+        hooks.write(event="Removed incomplete checkpoint folders left by an interrupted save: "
+                          + ", ".join(names), event_data={"removed": names})
+        steps = [s for p in leftovers if (s := checkpoints.step_of(p)) is not None]
+        lease.mark_checkpoints_deleted(claim.job_id, steps)
     resume = _resume_point(claim)
     if resume is not None:
         step = checkpoints.step_of(resume)

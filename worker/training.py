@@ -6,6 +6,7 @@ report progress and say when to stop, and benchmarks call :func:`train_adapter` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -13,12 +14,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -30,6 +32,7 @@ from transformers import (
 
 from shared.errors import LorafleetError
 from shared.schemas import TrainingSpec
+from worker.attention import use_packed_attention
 from worker.checkpoints import COMPLETE_MARKER, complete_checkpoint, write_marker
 from worker.collate import make_collator
 from worker.preprocess import Prepared
@@ -88,6 +91,7 @@ class Result:
     step: int
     trained_tokens: int
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    train_seconds: float = 0.0  # wall time of the training loop (checkpoint saves included)
 
 
 def pick_device(setting: str) -> str:
@@ -109,16 +113,63 @@ def load_tokenizer(model: str) -> Any:
     return tokenizer
 
 
+def _quantization_config(spec: TrainingSpec, device: str) -> Any:
+    """``BitsAndBytesConfig`` for ``quantization: "4bit"`` (QLoRA), or None.
+
+    Raises:
+        ModelLoadError: this worker can't run a 4-bit base model (no CUDA, no bitsandbytes).
+    """
+    if spec.quantization is None:
+        return None
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"quantization '{spec.quantization}' needs a CUDA GPU and this worker trains on "
+            f"'{device}'; submit the job without quantization or run a GPU worker",
+            param="quantization")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"quantization '{spec.quantization}' needs the bitsandbytes package, which this "
+            "worker lacks (pip install 'lorafleet[gpu]'); or submit without quantization",
+            param="quantization")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported()
+        else torch.float16,
+    )
+
+
 def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
-    """Base model + fresh LoRA adapter; returns ``(model, trainable, total)`` parameters."""
+    """Base model + fresh LoRA adapter; returns ``(model, trainable, total)`` parameters.
+
+    Raises:
+        ModelLoadError: the model does not load, or ``quantization`` can't run here.
+    """
     dtype = torch.float32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
+    quantization = _quantization_config(spec, device)
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        extra = {"quantization_config": quantization,
+                 "device_map": {"": torch.cuda.current_device()}}
     try:
         base = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype,
-                                                    trust_remote_code=False)
+                                                    trust_remote_code=False, **extra)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load model '{spec.model}': {e}", param="model") from e
+    # A KV cache is for generation; in training it only keeps copies of every layer's keys and
+    # values, and (transformers 5) its presence turns off the per-sample mask of packed rows.
+    base.config.use_cache = False
+    if spec.packing:
+        use_packed_attention(base)
+    if quantization is not None:
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] | str = spec.lora.target_modules or TARGET_MODULES.get(
         base.config.model_type, "all-linear"
     )
@@ -149,6 +200,17 @@ class _AtomicTrainer(Trainer):
     """
 
     _staging: str | None = None
+    # Raises StopTraining once this worker's lease is gone: checked before a checkpoint is
+    # moved into place, so a worker that was frozen or cut off never overwrites the new owner's.
+    fence: Callable[[], None] | None = None
+
+    def _track_num_input_tokens(self, inputs):  # type: ignore[no-untyped-def]
+        # A packed row has no padding, but counting "not the pad id" would skip every eos of
+        # a tokenizer whose pad token is its eos (Phi-2's).
+        if "cu_seq_lens_q" in inputs and "attention_mask" not in inputs:
+            self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
+            return
+        super()._track_num_input_tokens(inputs)
 
     def _get_output_dir(self, trial):  # type: ignore[no-untyped-def]
         return self._staging or super()._get_output_dir(trial)
@@ -162,6 +224,8 @@ class _AtomicTrainer(Trainer):
             name = f"checkpoint-{self.state.global_step}"
             staged = Path(self._staging) / name
             write_marker(staged, self.state.global_step)
+            if self.fence is not None:
+                self.fence()
             final = Path(root) / name
             if final.exists():  # the same step saved by an earlier attempt
                 trash = Path(root) / f".trash-{name}-{time.time_ns()}"
@@ -275,7 +339,20 @@ def training_arguments(spec: TrainingSpec, output_dir: Path, device: str,
         disable_tqdm=True,
         dataloader_num_workers=0,
         ignore_data_skip=False,
+        **_checkpointing(spec.gradient_checkpointing),
     )
+
+
+def _checkpointing(enabled: bool) -> dict[str, Any]:
+    """TrainingArguments for activation (gradient) checkpointing, by the name this version of
+    transformers uses (``activation_checkpointing`` in recent releases, else the old name)."""
+    if not enabled:
+        return {}
+    # Non-reentrant: works with a frozen base whose inputs need no gradient (LoRA).
+    kwargs = {"use_reentrant": False}
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return {"activation_checkpointing": True, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": kwargs}
 
 
 def save_adapter(model: PeftModel, spec: TrainingSpec, dest: Path, extra: dict[str, Any]) -> Path:
@@ -333,6 +410,12 @@ def train_adapter(
         processing_class=tokenizer,
         callbacks=[callback],
     )
+
+    def fence() -> None:
+        if hooks.should_stop() == "lost":
+            raise StopTraining("lease lost")
+
+    trainer.fence = fence
     steps_per_epoch = math.ceil(
         len(data.train) / (spec.batch_size * spec.gradient_accumulation_steps))
     total_steps = spec.max_steps or math.ceil(steps_per_epoch * spec.n_epochs)
@@ -340,14 +423,17 @@ def train_adapter(
                     "examples": data.examples, "dropped_too_long": data.dropped_too_long,
                     "validation_examples": data.validation_examples,
                     "total_steps": total_steps, "start_step": start_step})
+    t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - t0
     step = trainer.state.global_step
     tokens = int(trainer.state.num_input_tokens_seen)
     if callback.stop_reason is not None:
-        return Result(None, callback.stop_reason, step, tokens, callback.loss_history)
+        return Result(None, callback.stop_reason, step, tokens, callback.loss_history, seconds)
+    fence()  # the adapter folder is shared: only the lease holder may replace it
     adapter = save_adapter(model, spec, adapter_dest, {
         **(adapter_meta or {}), "steps": step, "trained_tokens": tokens})
-    return Result(adapter, None, step, tokens, callback.loss_history)
+    return Result(adapter, None, step, tokens, callback.loss_history, seconds)
 
 
 __all__ = ["COMPLETE_MARKER", "Hooks", "ModelLoadError", "Result", "StopTraining",

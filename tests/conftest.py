@@ -1,0 +1,107 @@
+"""Fixtures shared by every test: a tiny model, live stacks of real processes, settings.
+
+Stacks (``tests.support.stack.Stack``) are the API and Celery workers as subprocesses.
+Starting a worker imports torch (seconds), so tests that don't interfere share one stack per
+module (``stack``); tests that change settings or kill processes take their own
+(``make_stack``). While a stack runs, a failing test's report carries the stack's logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.stack import LIVE_STACKS, Stack, StackFactory
+
+
+# --------------------------------------------------------------------------- models
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init Phi model with its own tokenizer (built offline, once per run)."""
+    from worker.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model: Path) -> Any:
+    """The tiny model's tokenizer, loaded as the worker loads it."""
+    from worker.training import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+# --------------------------------------------------------------------------- stacks
+@pytest.fixture
+def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """Start stacks that live for one test: ``make_stack(workers=2, settings={...})``."""
+    factory = StackFactory(tmp_path_factory, "stack")
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def make_module_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """Start stacks shared by the tests of one module."""
+    factory = StackFactory(tmp_path_factory, "stack")
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def stack(make_module_stack: StackFactory) -> Stack:
+    """The default stack of a module: embedded backend, one worker."""
+    return make_module_stack()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Any:
+    """An ``openai.OpenAI`` client on the module's stack."""
+    return stack.openai()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        for i, live in enumerate(LIVE_STACKS):
+            report.sections.append((f"lorafleet stack {i} logs", live.logs_text()))
+    return report
+
+
+# --------------------------------------------------------------------------- in-process settings
+@pytest.fixture
+def settings_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., Any]]:
+    """Point this process's ``get_settings()`` at a fresh storage folder, with overrides:
+    ``settings = settings_env(max_upload_bytes=10)``. Caches are cleared before and after."""
+    from shared import db, queue
+    from shared.settings import get_settings
+
+    caches = (get_settings, db.get_engine, db.get_sessionmaker, queue.get_celery)
+
+    def clear() -> None:
+        if db.get_engine.cache_info().currsize:
+            db.get_engine().dispose()
+        for cached in caches:
+            cached.cache_clear()
+
+    def configure(**overrides: Any) -> Any:
+        for name in [n for n in os.environ if n.startswith("LORAFLEET_")]:
+            if not name.startswith(("LORAFLEET_TEST_", "LORAFLEET_DIALOGSUM_DIR")):
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("LORAFLEET_STORAGE_DIR", str(tmp_path / "storage"))
+        for name, value in overrides.items():
+            monkeypatch.setenv(f"LORAFLEET_{name.upper()}", str(value))
+        clear()
+        return get_settings()
+
+    clear()
+    yield configure
+    monkeypatch.undo()
+    clear()

@@ -1,0 +1,282 @@
+"""Fixtures and helpers for the resilience tests: who runs a job, the fencing record, a
+private Redis server that a test may restart, and a worker whose checkpoint saves are slow.
+
+Every test here starts its own stack (``make_stack``) because it kills, stops or freezes
+processes. Timings are short (``FAST_LEASE``) so that a lost worker is noticed in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.backends import EMBEDDED
+from tests.support.stack import Stack, free_port
+
+HERE = Path(__file__).resolve().parent
+# Lease timings of the resilience stacks: a worker is declared lost after 5 s of silence.
+FAST_LEASE: dict[str, Any] = {
+    "lease_seconds": 5,
+    "heartbeat_seconds": 0.5,
+    "sweep_seconds": 0.5,
+    "retry_backoff_seconds": 0.5,
+    "requeue_after_seconds": 5,
+}
+
+
+# One torch thread per worker: two workers (and the test) share two cores, and torch's
+# spinning thread pools slow each other down many times over when cores are oversubscribed.
+WORKER_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def start_stack(factory: Any, tiny_model: Path, *, workers: int = 2, backend: str = EMBEDDED,
+                env: dict[str, str] | None = None, **settings: Any) -> Stack:
+    """A stack from ``factory`` (``make_stack`` or ``make_module_stack``) with
+    :data:`FAST_LEASE` timings (overridden by ``settings``) that accepts the tiny model."""
+    return factory(workers=workers, backend=backend, env={**WORKER_ENV, **(env or {})},
+                   settings={**FAST_LEASE, "models_dir": str(tiny_model.parent), **settings})
+
+
+def ensure_workers(stack: Stack, n: int = 2, wait: bool = True) -> list[int]:
+    """Start replacements until ``n`` workers are alive (killed ones stay dead); returns the
+    indexes of the live workers. ``wait``: until each is ready to take a job."""
+    live = [i for i, p in enumerate(stack.workers) if p.alive()]
+    while len(live) < n:
+        live.append(stack.add_worker(wait=False))
+    if wait:
+        for i in live:
+            stack.wait_worker_ready(i)
+    return live
+
+
+def restart_api(stack: Stack) -> None:
+    """Stop the API (SIGTERM) and start it again on the same port."""
+    from tests.support.stack import CLI
+
+    assert stack.api is not None
+    stack.api.popen.send_signal(signal.SIGTERM)
+    stack.api.popen.wait(timeout=30)
+    stack.api.close_log()
+    stack.api = stack._spawn("api", [*CLI, "api"])
+    stack.wait_healthy()
+
+
+# The training of the resilience jobs: 12 logged steps, a checkpoint every 4, dropout on
+# (so that the dropout RNG must be restored for a resume to be exact).
+JOB: dict[str, Any] = {
+    "max_steps": 12,
+    "save_steps": 4,
+    "logging_steps": 1,
+    "batch_size": 4,
+    "max_length": 1024,
+    "seed": 1234,
+    "learning_rate": 1e-3,
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; returns that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def job_row(stack: Stack, job_id: str) -> Any:
+    """The job's row, read straight from the database (lease fields included)."""
+    rows = stack.sql("SELECT status, attempt, failures, lease_owner, last_good_step, progress, "
+                     "resumed_from_step, not_before, error FROM jobs WHERE id = :id", id=job_id)
+    return rows[0]
+
+
+def progress_step(stack: Stack, job_id: str) -> int:
+    """The last training step the running attempt reported (0 before the first)."""
+    import json
+
+    progress = job_row(stack, job_id).progress
+    if isinstance(progress, str):
+        progress = json.loads(progress)
+    return int((progress or {}).get("step") or 0)
+
+
+def steps_logged_by(stack: Stack, job_id: str, attempt: int) -> int:
+    """How many training steps ``attempt`` of the job logged (metrics events after the
+    "Attempt N started" event)."""
+    return stack.sql(
+        "SELECT count(*) AS n FROM job_events WHERE job_id = :id AND type = 'metrics' "
+        "AND message LIKE 'Step %' AND seq > (SELECT coalesce(max(seq), 1e18) FROM job_events "
+        "WHERE job_id = :id AND message LIKE :started)",
+        id=job_id, started=f"Attempt {attempt} started%")[0].n
+
+
+def owner_index(stack: Stack, job_id: str) -> int | None:
+    """The index of the worker whose process trains ``job_id`` now (``None``: nobody)."""
+    owner = job_row(stack, job_id).lease_owner
+    if not owner:
+        return None
+    pid = int(owner.rsplit(":", 1)[1])
+    for i, proc in enumerate(stack.workers):
+        if proc.alive() and (pid == proc.pid or pid in proc.child_pids()):
+            return i
+    return None
+
+
+def attempts(stack: Stack, job_id: str) -> list[Any]:
+    """The job's fencing record: one row per claim, oldest first."""
+    return stack.sql("SELECT attempt, worker, started_at, ended_at, last_seen_at, outcome, "
+                     "start_step FROM job_attempts WHERE job_id = :id ORDER BY attempt",
+                     id=job_id)
+
+
+def assert_never_concurrent(stack: Stack, job_id: str) -> list[Any]:
+    """No two attempts of ``job_id`` held it at the same time.
+
+    An attempt counts as live from its claim until it ended or, for a worker that vanished,
+    until its last heartbeat (the lease ran out after that, and only then could the next claim
+    happen). Returns the attempts.
+    """
+    rows = attempts(stack, job_id)
+    spans = sorted((r.started_at, r.ended_at or r.last_seen_at or r.started_at, r.attempt)
+                   for r in rows)
+    for (_s1, e1, a1), (s2, _e2, a2) in zip(spans, spans[1:], strict=False):
+        assert e1 <= s2, (f"{job_id}: attempt {a1} was live until {e1:.3f}, attempt {a2} "
+                          f"started at {s2:.3f}")
+    assert [r.attempt for r in rows] == list(range(1, len(rows) + 1))
+    return rows
+
+
+def train_losses(events: list[Any], after_resume: bool = False) -> dict[int, float]:
+    """``{step: train_loss}`` from a job's metrics events (oldest first). ``after_resume``:
+    only those logged after the last "Resumed from checkpoint" event."""
+    if after_resume:
+        marks = [i for i, e in enumerate(events) if e.message.startswith("Resumed from ")]
+        assert marks, "the job was never resumed"
+        events = events[marks[-1] + 1:]
+    return {e.data["step"]: e.data["train_loss"] for e in events
+            if e.type == "metrics" and "train_loss" in (e.data or {})}
+
+
+def adapter_tensors(path: str | Path) -> dict[str, Any]:
+    """The tensors of a saved adapter (``adapter_model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# --------------------------------------------------------------------------- private Redis
+@dataclass
+class PrivateRedis:
+    """A ``redis-server`` of this test alone (no persistence, like a cache node restarted)."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            wait_until(lambda: _pings(client), timeout=10, what="redis-server")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Kill it: every queued message is gone, as after a crash of a non-persistent node."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self, down_for: float = 1.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    """A fresh ``redis-server`` on a free port for one module; never the shared one."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# --------------------------------------------------------------------------- slow saves
+SLOW_SAVE_DIR = HERE / "slow_save"
+
+
+def slow_save_env(seconds: float) -> dict[str, str]:
+    """Environment for :meth:`Stack.add_worker` that makes the worker pause ``seconds`` inside
+    every checkpoint save, after the files are written and before the save is marked complete
+    (see ``slow_save/sitecustomize.py``)."""
+    from tests.support.stack import REPO_ROOT
+
+    path = os.pathsep.join([str(SLOW_SAVE_DIR), str(REPO_ROOT)])
+    return {"PYTHONPATH": path, "LORAFLEET_TEST_SLOW_SAVE_SECONDS": str(seconds)}
+
+
+def kill_owner(stack: Stack, job_id: str, sig: int = signal.SIGKILL, *,
+               replace: bool = True) -> int:
+    """SIGKILL (or ``sig``) the whole worker that trains ``job_id``; returns its index.
+    ``replace``: start a replacement worker at once (it gets ready while the test goes on)."""
+    index = wait_until(lambda: _some(owner_index(stack, job_id)), timeout=60,
+                       what=f"the worker of {job_id}")[0]
+    stack.kill_worker(index, sig, wait=None if sig == signal.SIGSTOP else 10)
+    if replace and sig != signal.SIGSTOP:
+        stack.add_worker(wait=False)
+    return index
+
+
+def kill_pool_process(stack: Stack, job_id: str) -> int:
+    """SIGKILL only the pool process that trains ``job_id`` (what the out-of-memory killer
+    does); the worker's main process survives and forks a new one. Returns the pid killed."""
+    owner = wait_until(lambda: (r := job_row(stack, job_id)).status == "running"
+                       and r.lease_owner, timeout=60, what=f"the process of {job_id}")
+    pid = int(owner.rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _some(value: Any) -> tuple[Any] | None:
+    """``(value,)`` unless ``value`` is None: lets :func:`wait_until` wait for a 0."""
+    return None if value is None else (value,)

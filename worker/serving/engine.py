@@ -1,0 +1,228 @@
+"""One base model in memory, its adapters, and batched generation with mixed adapters.
+
+A :class:`BaseModelHost` owns one copy of a base model. Adapters are attached to it by name
+with peft (``load_adapter`` / ``delete_adapter``) and a batch mixes them freely: ``generate``
+gets one adapter name per row (``"__base__"`` for the base model), so ``set_adapter``, which
+is global state, is never called. Everything that touches the model runs on the engine's one
+generation thread (see :mod:`worker.serving.batcher`); the tokenizer is also used by the
+request threads, for encoding only.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
+
+from shared.errors import LorafleetError
+from worker.serving.adapters import AdapterCache, AdapterRef
+from worker.serving.decoding import DeltaFn, FinishFn, Row, RowSampler, RowStopper
+from worker.training import ModelLoadError, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"
+DEFAULT_CONTEXT = 2048
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length",
+                   "seq_length", "n_ctx")
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(setting)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def context_length(config: Any, tokenizer: Any) -> int:
+    """The longest sequence (prompt + completion) the model takes."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _CONTEXT_FIELDS:
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10_000_000:
+        return limit
+    return DEFAULT_CONTEXT
+
+
+class BaseModelHost:
+    """A base model, its tokenizer and its loaded adapters.
+
+    The constructor loads the tokenizer and config only (cheap, any thread); the weights
+    load on the first :meth:`generate`, on the generation thread.
+
+    Raises:
+        ModelLoadError: the tokenizer or config of ``name`` does not load.
+    """
+
+    def __init__(self, name: str, device: torch.device, cache_count: int, cache_bytes: int):
+        self.name = name
+        self.device = device
+        self.dtype = pick_dtype(device)
+        self.tokenizer = load_tokenizer(name)
+        try:
+            self.config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - the operator's model reference is wrong
+            raise ModelLoadError(f"could not load the config of '{name}': {e}",
+                                 param="model") from e
+        self.context_length = context_length(self.config, self.tokenizer)
+        self.eos_ids = self._eos_ids()
+        self.model: Any = None
+        self.adapters = AdapterCache(cache_count, cache_bytes, self._load_adapter,
+                                     self._unload_adapter)
+        self._chat_end: dict[str, frozenset[int]] = {}
+        self._lock = threading.Lock()
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        try:
+            eos = GenerationConfig.from_pretrained(self.name).eos_token_id
+        except Exception:  # noqa: BLE001 - many models ship no generation_config.json
+            eos = getattr(self.config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(i for i in eos if isinstance(i, int))
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------ prompts (any thread)
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LorafleetError(f"the model '{self.name}' has no chat template; "
+                                 "use /v1/completions", param="messages")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat_end_ids(self) -> frozenset[int]:
+        """The special token that closes an assistant turn in the chat template (ChatML's
+        ``<|im_end|>``, Llama 3's ``<|eot_id|>``): generation of a chat reply stops there."""
+        with self._lock:
+            if "ids" not in self._chat_end:
+                self._chat_end["ids"] = self._probe_chat_end()
+            return self._chat_end["ids"]
+
+    def _probe_chat_end(self) -> frozenset[int]:
+        marker = "\x1fREPLY\x1f"
+        try:
+            full = self.render_chat([{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": marker}], False)
+        except Exception:  # noqa: BLE001 - a template that can't render this has no marker
+            return frozenset()
+        tail = full.split(marker, 1)[-1] if marker in full else ""
+        ids = self.encode(tail)[:1]
+        special = set(self.tokenizer.all_special_ids)
+        return frozenset(i for i in ids if i in special)
+
+    # ------------------------------------------------------------------ generation thread
+    def load(self) -> None:
+        """Load the weights (idempotent)."""
+        if self.model is not None:
+            return
+        log.info("loading base model %s on %s (%s)", self.name, self.device, self.dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.name, dtype=self.dtype,
+                                                         trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"could not load model '{self.name}': {e}",
+                                 param="model") from e
+        self.model = model.to(self.device).eval()
+
+    def _load_adapter(self, ref: AdapterRef) -> int:
+        log.info("loading adapter %s as %s", ref.path, ref.name)
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(ref.path, adapter_name=ref.name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, ref.path, adapter_name=ref.name,
+                                                   is_trainable=False)
+        self.model.eval()
+        marker = f".{ref.name}."
+        return sum(p.numel() * p.element_size()
+                   for n, p in self.model.named_parameters() if marker in n)
+
+    def _unload_adapter(self, name: str) -> None:
+        if not isinstance(self.model, PeftModel):
+            return
+        if list(self.model.peft_config) == [name]:
+            # peft cannot run without an adapter: drop the LoRA layers, keep the base.
+            self.model = self.model.unload()
+        else:
+            with warnings.catch_warnings():
+                # "Adapter X was active which is now deleted": we never use the active adapter.
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+                self.model.delete_adapter(name)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def prepare(self, adapters: list[AdapterRef]) -> dict[str, Exception]:
+        """Load the weights and the batch's adapters; returns the adapters that failed."""
+        self.load()
+        return self.adapters.ensure(adapters)
+
+    @torch.inference_mode()
+    def generate(self, rows: list[Row], on_delta: DeltaFn, on_finish: FinishFn,
+                 cancelled: Callable[[Row], bool] = lambda r: False) -> None:
+        """Run ``rows`` as one left-padded batch; their adapters must be loaded
+        (:meth:`prepare`).
+
+        Text and the end of each row are reported through ``on_delta``/``on_finish`` as the
+        batch advances.
+        """
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            input_ids[i, width - n:] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            attention[i, width - n:] = 1
+        stopper = RowStopper(rows, self.tokenizer, on_delta, on_finish, cancelled)
+        config = GenerationConfig(
+            max_new_tokens=max(r.max_new_tokens for r in rows), do_sample=False, num_beams=1,
+            # Only tokens that end every row: the stopper ends rows on their own stop tokens,
+            # and a row that generate ended behind its back would be fed padding.
+            pad_token_id=pad, eos_token_id=sorted(frozenset.intersection(
+                *(r.stop_ids for r in rows))) or None,
+        )
+        extra: dict[str, Any] = {}
+        if isinstance(self.model, PeftModel):
+            extra["adapter_names"] = [r.adapter for r in rows]
+        self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+            generation_config=config, logits_processor=LogitsProcessorList([RowSampler(rows)]),
+            stopping_criteria=StoppingCriteriaList([stopper]), **extra,
+        )
+        stopper.finish_all()
+
+    def stats(self) -> dict[str, Any]:
+        return {"loaded": self.model is not None, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "context_length": self.context_length, "adapters": len(self.adapters),
+                "adapter_bytes": self.adapters.bytes, "adapter_loads": self.adapters.loads,
+                "adapter_evictions": self.adapters.evictions}
