@@ -24,7 +24,7 @@ SERVING_SETTINGS = {"max_tokens_limit": MAX_TOKENS_LIMIT, "max_queued_requests":
                     "batch_window_ms": 20}
 # Enough steps at a high rate for the tiny model to write DialogSum-style summaries that end
 # with the format's end marker (a few seconds on a CPU).
-SUMMARIZER = {"max_steps": 60, "learning_rate": 3e-3, "batch_size": 4, "save_steps": 30,
+SUMMARIZER = {"max_steps": 120, "learning_rate": 3e-3, "batch_size": 4, "save_steps": 30,
               "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "seed": 1}
 
 
