@@ -1,0 +1,1 @@
+"""lorafleet's benchmarks; ``python -m bench`` runs the training-throughput and service ones."""

@@ -5,6 +5,9 @@
 #   bench/gpu_check.sh              # a CUDA machine; finishes in under 8 minutes
 #   bench/gpu_check.sh --dry-run    # anywhere: the same code path on the CPU, tiny model
 #   bench/gpu_check.sh --help       # options (steps, batch, LoRA rank, QLoRA, ...)
+#
+# Needs the worker extra in $PYTHON (default .venv/bin/python, else python3):
+# pip install -e '.[worker]' (and '.[worker,gpu]' for --quantization 4bit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"

@@ -235,13 +235,14 @@ def machine(threads: int) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     m, a, b, c = (results[k] for k in ("machine", "batching", "overhead", "status_poll"))
     params = results["model_parameters"]
+    per_row = b["base_cpu_seconds"] / (a["sequential_cpu_seconds"] / a["requests"])
 
     def verdict(ok: bool) -> str:
         return "meets" if ok else "misses"
 
     lines = [
         SECTION, "",
-        f"`python bench/serving.py` on {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"`python -m bench.serving` on {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
         f"(CPU, {m['torch_threads']} intra-op thread). The machine was shared with other work "
         f"(load average {m['load_average_at_start'][0]} at the start; {a['load_average']}, "
         f"{b['load_average']} and {c['load_average']} at the three parts), so wall-clock "
@@ -280,10 +281,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Each throughput run was one batch of {a['requests']} sequences. Base rows in a batch "
         f"on the model with adapters loaded: {b['base_rows_with_adapters_loaded_seconds']} s "
-        f"({b['base_rows_with_adapters_loaded_cpu_seconds']} s CPU). peft's mixed batches "
-        "run every LoRA layer once per distinct adapter of the batch on its rows; with a "
-        "small model on a CPU those many small operations cost about as much as the base "
-        "model's own, so the overhead grows with the number of distinct adapters per batch. "
+        f"({b['base_rows_with_adapters_loaded_cpu_seconds']} s CPU). On one CPU core the "
+        "matrix products are compute-bound, so a batch is not free: the batch of "
+        f"{b['batch']} base-model sequences costs {per_row:.1f}x one request served alone, "
+        "which caps what batching gains here (a GPU batches far more cheaply). peft's mixed "
+        "batches run every LoRA layer once per distinct adapter of the batch, on that "
+        "adapter's rows; with a small model those many small operations are a large share "
+        f"of the work (+{(b['mixed_cpu_ratio'] - 1) * 100:.0f}% CPU with {a['adapters']} "
+        f"adapters, +{(b['one_adapter_cpu_ratio'] - 1) * 100:.0f}% with one), growing with "
+        "the number of distinct adapters per batch. "
         f"Status polls: every 20 ms, {results['poll_seconds']} s idle and {results['poll_seconds']}"
         f" s saturated, in {c['windows']} alternating windows; saturated means "
         f"{c['load_clients']} clients (a separate process) sending completions through the "

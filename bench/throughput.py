@@ -122,8 +122,9 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
     """Run side B: ``prepare`` + ``train_adapter`` as a job does; time the training loop.
 
     ``knobs`` switch off or on what a job can't (to measure one technique at a time):
-    ``dense_packed_mask`` (transformers' own handling of packed rows), ``lm_head_everywhere``,
-    ``torch_compile``, ``dataloader_workers``.
+    ``plain_gelu`` (transformers' unfused GELU), ``dense_packed_mask`` (transformers' own
+    handling of packed rows), ``lm_head_everywhere``, ``torch_compile``,
+    ``dataloader_workers``.
     """
     from shared.settings import get_settings
     from worker import training
@@ -159,6 +160,8 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(training, "make_collator", wrap_collator))
         stack.enter_context(_patched(training, "training_arguments", wrap_args))
+        if knobs.get("plain_gelu"):
+            stack.enter_context(_patched(training, "fuse_tanh_gelu", lambda f: lambda model: 0))
         if knobs.get("dense_packed_mask"):
             stack.enter_context(_patched(training, "use_packed_attention",
                                          lambda f: lambda model: False))
@@ -234,25 +237,30 @@ def _ours(label: str, **kw: Any) -> Callable[[Path, Path, Path, Hyper], RunResul
 
 MAIN: list[Variant] = [
     ("A", "recipe: padded batches, labels = input_ids, plain Trainer", _recipe("A")),
-    ("B", "lorafleet job defaults: packing, loss on the response, LM head on labeled "
-          "positions only", _ours("B")),
+    ("B", "lorafleet job defaults: packing with per-sample attention, loss on the response, "
+          "LM head on labeled positions only, fused GELU", _ours("B")),
     ("B, train_on_inputs", "lorafleet, `train_on_inputs: true` (A's objective), packing",
      _ours("B, train_on_inputs", train_on_inputs=True)),
 ]
 
+# Cumulative: each row adds one technique to the row above it.
+_SLOW_GELU = {"plain_gelu": True}
 TECHNIQUES: list[Variant] = [
     ("A", "recipe", _recipe("A")),
     ("A + group by length", "recipe, `train_sampling_strategy=group_by_length`",
      _recipe("A + group by length", group_by_length=True)),
     ("seed layout via lorafleet", "`packing: false, train_on_inputs: true`; no KV cache",
-     _ours("seed layout via lorafleet", packing=False, train_on_inputs=True)),
+     _ours("seed layout via lorafleet", packing=False, train_on_inputs=True, knobs=_SLOW_GELU)),
     ("+ packing, transformers' packed mask", "`train_on_inputs: true`; one dense mask per row",
-     _ours("+ packing, dense mask", train_on_inputs=True, knobs={"dense_packed_mask": True})),
+     _ours("+ packing, dense mask", train_on_inputs=True,
+           knobs={**_SLOW_GELU, "dense_packed_mask": True})),
     ("+ packing, per-sample attention", "`train_on_inputs: true`",
-     _ours("+ packing, per-sample attention", train_on_inputs=True)),
-    ("+ loss on the response only", "job defaults but LM head on every position",
-     _ours("+ response-only loss", knobs={"lm_head_everywhere": True})),
-    ("+ LM head on labeled positions only", "job defaults (= B)", _ours("B")),
+     _ours("+ packing, per-sample attention", train_on_inputs=True, knobs=_SLOW_GELU)),
+    ("+ loss on the response only", "LM head on every position",
+     _ours("+ response-only loss", knobs={**_SLOW_GELU, "lm_head_everywhere": True})),
+    ("+ LM head on labeled positions only", "", _ours("+ LM head on labels only",
+                                                      knobs=_SLOW_GELU)),
+    ("+ fused tanh GELU", "job defaults (= B)", _ours("+ fused GELU (= B)")),
     ("+ 2 dataloader workers", "B + `dataloader_num_workers=2`",
      _ours("B + 2 workers", knobs={"dataloader_workers": 2})),
 ]

@@ -142,6 +142,21 @@ def _quantization_config(spec: TrainingSpec, device: str) -> Any:
     )
 
 
+def fuse_tanh_gelu(model: torch.nn.Module) -> int:
+    """Swap transformers' ``NewGELUActivation`` (Phi, GPT-2: the tanh approximation of GELU
+    written as six elementwise ops) for PyTorch's fused kernel of the same formula: one pass
+    instead of six, forward and backward, equal to float rounding. Returns how many."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
 def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
     """Base model + fresh LoRA adapter; returns ``(model, trainable, total)`` parameters.
 
@@ -164,6 +179,7 @@ def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
     # A KV cache is for generation; in training it only keeps copies of every layer's keys and
     # values, and (transformers 5) its presence turns off the per-sample mask of packed rows.
     base.config.use_cache = False
+    fuse_tanh_gelu(base)
     if spec.packing:
         use_packed_attention(base)
     if quantization is not None:

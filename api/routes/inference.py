@@ -4,6 +4,8 @@ these routes authenticate, resolve the model for the caller's project and forwar
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -22,10 +24,12 @@ from shared.inference import (
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
-_RESPONSES = {404: {"description": "Unknown model"},
-              409: {"description": "The model's fine-tuning job has not succeeded"},
-              429: {"description": "Too many requests waiting; see Retry-After"},
-              503: {"description": "The inference engine is unavailable"}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown model"},
+    409: {"description": "The model's fine-tuning job has not succeeded"},
+    429: {"description": "Too many requests waiting; see Retry-After"},
+    503: {"description": "The inference engine is unavailable"},
+}
 
 
 @router.get("/models", response_model=ModelsPublic)
@@ -57,7 +61,7 @@ async def _forward(request: Request, session: SessionDep, project: str, body: Sa
     return await engine_client(request).forward(path, payload, request)
 
 
-@router.post("/completions", responses=_RESPONSES)  # type: ignore[arg-type]
+@router.post("/completions", responses=_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request, session: SessionDep,
                             project: ProjectDep) -> Response:
     """A text completion; the prompt is wrapped in the adapter's prompt format unless
@@ -65,7 +69,7 @@ async def create_completion(body: CompletionRequest, request: Request, session: 
     return await _forward(request, session, project, body, "/v1/completions")
 
 
-@router.post("/chat/completions", responses=_RESPONSES)  # type: ignore[arg-type]
+@router.post("/chat/completions", responses=_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  session: SessionDep, project: ProjectDep) -> Response:
     """A chat completion. ``stream: true`` answers with server-sent events."""

@@ -107,3 +107,20 @@ def test_job_options_through_the_service(client: Any, tiny_model: Path) -> None:
     assert (failed.error.code, failed.error.param) == ("model_load_failed", "quantization")
     assert "CUDA" in failed.error.message and "without quantization" in failed.error.message
     assert failed.attempt == 1, "a worker that can't run the option does not retry it"
+
+
+def test_fused_tanh_gelu_computes_the_same_model(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+    ids = torch.randint(4, model.config.vocab_size, (2, 24), generator=torch.Generator()
+                        .manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        swapped = training.fuse_tanh_gelu(model)
+        after = model(input_ids=ids).logits
+
+    assert swapped == model.config.num_hidden_layers
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

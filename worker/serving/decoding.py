@@ -112,8 +112,8 @@ class RowStopper(StoppingCriteria):
         self.on_finish = on_finish
         self.cancelled = cancelled
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
-                 **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,  # type: ignore[override]
+                 **kwargs: Any) -> torch.Tensor:
         last = input_ids[:, -1].tolist()
         for row, token in zip(self.rows, last, strict=True):
             if row.done:

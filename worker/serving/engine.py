@@ -151,7 +151,7 @@ class BaseModelHost:
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"could not load model '{self.name}': {e}",
                                  param="model") from e
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
 
     def _load_adapter(self, ref: AdapterRef) -> int:
         log.info("loading adapter %s as %s", ref.path, ref.name)
