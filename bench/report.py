@@ -141,22 +141,28 @@ def training_tables(outcome: object, where: str, loads: tuple[str, str]) -> str:
         thp = o.technique_hyper  # type: ignore[attr-defined]
         base = o.techniques[0].run.tokens_per_second  # type: ignore[attr-defined]
         trows = []
-        prev = None
+        seen: dict[str, float] = {}
+        prev: tuple[str, float] | None = None
         for row in o.techniques:  # type: ignore[attr-defined]
             r = row.run
             pad = 1 - r.real_tokens / r.padded_tokens if r.padded_tokens else 0.0
-            step = f"{r.tokens_per_second / prev:.2f}" if prev else ""
+            ref = (row.base, seen[row.base]) if row.base in seen else prev
+            step = f"{r.tokens_per_second / ref[1]:.2f}" if ref else ""
+            if ref and row.base in seen:  # not the row above: say which
+                step += f" (vs {ref[0]})"
             trows.append([r.label, row.settings, f"{pad:.0%}", _f(r.tokens_per_second),
                           _f(r.steady_tokens_per_second), _f(r.first_step_seconds),
                           f"{r.tokens_per_second / base:.2f}", step])
-            prev = r.tokens_per_second
+            seen[r.label] = r.tokens_per_second
+            prev = (r.label, r.tokens_per_second)
         parts += [
             "",
             f"#### One technique at a time ({thp.steps} steps × batch {thp.batch_size}, "
-            "one run each, same model and machine)",
+            f"fastest of {plan.repeats} alternating runs (torch.compile: one), same model "
+            "and machine; each row adds one technique to the row it is compared with)",
             "",
             table(["variant", "settings", "padding", "real tok/s", "after step 1 tok/s",
-                   "step 1 s", "× A", "× previous row"], trows),
+                   "step 1 s", "× A", "× row above"], trows),
         ]
         if not any("compile" in row.run.label for row in o.techniques):  # type: ignore[attr-defined]
             parts += ["", "torch.compile is measured with `--compile` only: compiling "

@@ -198,6 +198,7 @@ class Row:
     run: RunResult
     settings: str
     losses: Losses | None = None
+    base: str | None = None  # techniques: the variant this one adds to (None: the row above)
 
 
 @dataclass
@@ -243,30 +244,40 @@ MAIN: list[Variant] = [
      _ours("B, train_on_inputs", train_on_inputs=True)),
 ]
 
-# Cumulative: each row adds one technique to the row above it.
+def _technique(label: str, settings: str, side: str, **kw: Any) -> Variant:
+    train = _recipe(label, **kw) if side == "A" else _ours(label, **kw)
+    return (label, settings, train)
+
+
+# Cumulative: each row adds one technique to the row above it (or to its LADDER_BASE).
 _SLOW_GELU = {"plain_gelu": True}
 TECHNIQUES: list[Variant] = [
-    ("A", "recipe", _recipe("A")),
-    ("A + group by length", "recipe, `train_sampling_strategy=group_by_length`",
-     _recipe("A + group by length", group_by_length=True)),
-    ("seed layout via lorafleet", "`packing: false, train_on_inputs: true`; no KV cache",
-     _ours("seed layout via lorafleet", packing=False, train_on_inputs=True, knobs=_SLOW_GELU)),
-    ("+ packing, transformers' packed mask", "`train_on_inputs: true`; one dense mask per row",
-     _ours("+ packing, dense mask", train_on_inputs=True,
-           knobs={**_SLOW_GELU, "dense_packed_mask": True})),
-    ("+ packing, per-sample attention", "`train_on_inputs: true`",
-     _ours("+ packing, per-sample attention", train_on_inputs=True, knobs=_SLOW_GELU)),
-    ("+ loss on the response only", "LM head on every position",
-     _ours("+ response-only loss", knobs={**_SLOW_GELU, "lm_head_everywhere": True})),
-    ("+ LM head on labeled positions only", "", _ours("+ LM head on labels only",
-                                                      knobs=_SLOW_GELU)),
-    ("+ fused tanh GELU", "job defaults (= B)", _ours("+ fused GELU (= B)")),
-    ("+ 2 dataloader workers", "B + `dataloader_num_workers=2`",
-     _ours("B + 2 workers", knobs={"dataloader_workers": 2})),
+    _technique("A", "recipe", "A"),
+    _technique("A + group by length", "recipe, `train_sampling_strategy=group_by_length`",
+               "A", group_by_length=True),
+    _technique("seed layout via lorafleet", "`packing: false, train_on_inputs: true`; no KV "
+               "cache, unfused GELU", "B", packing=False, train_on_inputs=True,
+               knobs=_SLOW_GELU),
+    _technique("+ packing, transformers' packed mask", "`train_on_inputs: true`; one dense "
+               "mask over the whole row", "B", train_on_inputs=True,
+               knobs={**_SLOW_GELU, "dense_packed_mask": True}),
+    _technique("+ packing, per-sample attention", "`train_on_inputs: true`", "B",
+               train_on_inputs=True, knobs=_SLOW_GELU),
+    _technique("+ loss on the response only", "LM head on every position", "B",
+               knobs={**_SLOW_GELU, "lm_head_everywhere": True}),
+    _technique("+ LM head on labeled positions only", "", "B", knobs=_SLOW_GELU),
+    _technique("+ fused tanh GELU", "job defaults (= B)", "B"),
+    _technique("+ 2 dataloader workers", "B + `dataloader_num_workers=2`", "B",
+               knobs={"dataloader_workers": 2}),
 ]
+# Variants that branch off an earlier row instead of adding to the one above them.
+LADDER_BASE = {"A + group by length": "A", "seed layout via lorafleet": "A",
+               "+ packing, per-sample attention": "seed layout via lorafleet",
+               "+ 2 dataloader workers": "+ fused tanh GELU",
+               "+ torch.compile": "+ fused tanh GELU"}
 # Compiling takes minutes on a small CPU (more with every new packed length): opt-in.
-COMPILE: Variant = ("+ torch.compile", "B + `torch_compile=True` (inductor)",
-                    _ours("B + torch.compile", knobs={"torch_compile": True}))
+COMPILE: Variant = _technique("+ torch.compile", "B + `torch_compile=True` (inductor)", "B",
+                              knobs={"torch_compile": True})
 
 
 def _best(runs: list[RunResult]) -> RunResult:
@@ -321,16 +332,27 @@ def run(plan: Plan, work: Path, log: Callable[[str], None] = print,
         outcome.technique_hyper = thp
         tfile, _ = select_examples(tokenizer, "train", thp.examples, thp.max_length,
                                    work / "data" / f"train-{plan.name}-techniques.jsonl")
-        for label, settings, train in TECHNIQUES + ([COMPILE] if compile_ else []):
-            out = work / "runs" / f"technique-{len(outcome.techniques)}"
-            shutil.rmtree(out, ignore_errors=True)
-            try:
-                result = train(model_dir, tfile, out, thp)
-            except Exception as e:  # noqa: BLE001 - a technique that fails here is reported
-                log(f"  {label}: failed: {type(e).__name__}: {e}")
-                continue
-            outcome.techniques.append(Row(result, settings))
-            log(f"  {label:<40} {result.tokens_per_second:8.1f} real tok/s")
+        ladder = TECHNIQUES + ([COMPILE] if compile_ else [])
+        tried: dict[str, list[RunResult]] = {label: [] for label, _, _ in ladder}
+        # Round-robin, like the main comparison: a busy minute on the machine hits one run of
+        # several variants, not every run of one. Compiling runs once (it takes minutes).
+        for rep in range(plan.repeats):
+            for label, _, train in ladder:
+                if rep and label == COMPILE[0]:
+                    continue
+                out = work / "runs" / f"technique-{label.replace(' ', '_')}"
+                shutil.rmtree(out, ignore_errors=True)
+                try:
+                    result = train(model_dir, tfile, out, thp)
+                except Exception as e:  # noqa: BLE001 - a technique that fails is reported
+                    log(f"  {label}: failed: {type(e).__name__}: {e}")
+                    continue
+                tried[label].append(result)
+                log(f"  {label:<40} {result.tokens_per_second:8.1f} real tok/s")
+        for label, settings, _ in ladder:
+            if tried[label]:
+                outcome.techniques.append(Row(_best(tried[label]), settings,
+                                              base=LADDER_BASE.get(label)))
     return outcome
 
 
