@@ -33,13 +33,20 @@ DbSession = Annotated[Session, Depends(get_db, scope="function")]
 bearer = HTTPBearer(auto_error=False, description="An API key from `lorafleet keys create`.")
 
 
-def get_project(
-    session: DbSession,
+async def get_authorization(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
+) -> str | None:
+    """The request's ``Bearer <key>`` header, ``None`` without one (checked by the route).
+    Async, so a route that needs nothing else stays off the thread pool."""
+    return f"Bearer {credentials.credentials}" if credentials else None
+
+
+AuthorizationDep = Annotated[str | None, Depends(get_authorization)]
+
+
+def get_project(session: DbSession, authorization: AuthorizationDep) -> str:
     """The project (tenant) of the request's API key; 401 without a valid key."""
-    header = f"Bearer {credentials.credentials}" if credentials else None
-    return authenticate(session, header)
+    return authenticate(session, authorization)
 
 
 SessionDep = DbSession

@@ -6,7 +6,10 @@
 - Queue latency: submit → the job running, and → its first training step reported, with an
   idle, warm worker.
 - API: job-status GETs from 50 concurrent keep-alive clients while a job trains, against a
-  bare FastAPI endpoint on the same server process (:mod:`bench.api_server`).
+  bare FastAPI endpoint on the same server process (:mod:`bench.api_server`); the same GETs
+  from a second server with the status cache off show what the cache buys.
+
+``python -m bench.service --api-only`` runs the API measurement alone (about a minute).
 """
 
 from __future__ import annotations
@@ -85,6 +88,24 @@ class Stack:
             time.sleep(0.3)
         self.stop()
         raise SystemExit(f"the service did not come up; see {logs}")
+
+    def add_api_server(self, **settings: str) -> int:
+        """One more :mod:`bench.api_server` on this storage and database, with these settings
+        on top of the stack's; returns its port once it answers."""
+        port = _free_port()
+        env = {**self.env, "LORAFLEET_PORT": str(port),
+               **{f"LORAFLEET_{k.upper()}": v for k, v in settings.items()}}
+        out = (self.storage / "logs" / f"proc-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "bench.api_server"], env=env, cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return port
+            time.sleep(0.3)
+        raise SystemExit(f"the extra API server did not come up; see {out.name}")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -247,6 +268,7 @@ class ServiceOutcome:
     api: dict[str, dict[str, float]]
     clients: int
     api_seconds: float
+    status_cache_seconds: float = 0.0  # TTL of the "job status" row's server
 
     @property
     def overhead(self) -> float:
@@ -297,10 +319,35 @@ def run(model_dir: Path, train_file: Path, hp: Hyper, work: Path, *, repeats: in
             f"{statistics.median(to_started):.3f} s, step 1 done after "
             f"{statistics.median(to_first):.3f} s")
 
+    api = api_load(model_dir, train_file, hp, work, clients=clients, api_seconds=api_seconds,
+                   log=log, threads=threads)
+    desc = (f"{hp.steps} steps × batch {hp.batch_size}, max_length {hp.max_length}, one "
+            "checkpoint")
+    return ServiceOutcome(desc, service_s, direct_s, to_running, to_started, to_first, api,
+                          clients, api_seconds, status_cache_seconds())
+
+
+NO_CACHE = "job status (status cache off)"
+
+
+def status_cache_seconds() -> float:
+    """The status cache TTL the benchmark's main API server runs with (the default)."""
+    from shared.settings import Settings
+
+    return float(Settings.model_fields["status_cache_seconds"].default)
+
+
+def api_load(model_dir: Path, train_file: Path, hp: Hyper, work: Path, *, clients: int = 50,
+             api_seconds: float = 5.0, log: Any = print,
+             threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Job-status GETs while a job trains, against the bare endpoints of the same server
+    (default settings), and on a second server of the same service with the status cache off
+    (:data:`NO_CACHE`); ``{endpoint: {rps, p50_ms, p99_ms, errors, requests}}``."""
     api_server = [sys.executable, "-m", "bench.api_server"]
     worker = [sys.executable, "-m", "shared.cli", "worker"]
     api: dict[str, dict[str, float]] = {}
-    with stack(work, "api", models_dir, [api_server, worker], threads) as st:
+    with stack(work, "api", model_dir.parent, [api_server, worker], threads) as st:
+        no_cache_port = st.add_api_server(status_cache_seconds="0")
         file_id = st.upload(train_file)
         long = job_body(model_dir, file_id, Hyper(**{**hp.__dict__, "steps": 100_000}))
         job_id, _ = st.submit({**long, "save_steps": 100_000})
@@ -309,13 +356,15 @@ def run(model_dir: Path, train_file: Path, hp: Hyper, work: Path, *, repeats: in
             if time.monotonic() > deadline:
                 raise SystemExit("the API benchmark's job never started training")
             time.sleep(0.2)
-        targets = {"bare (async def)": ("/bench/bare", {}),
-                   "bare (def, threadpool)": ("/bench/bare-sync", {}),
-                   "job status": (f"/v1/fine_tuning/jobs/{job_id}", st.headers)}
+        status = f"/v1/fine_tuning/jobs/{job_id}"
+        targets = {"bare (async def)": (st.port, "/bench/bare", {}),
+                   "bare (def, threadpool)": (st.port, "/bench/bare-sync", {}),
+                   "job status": (st.port, status, st.headers),
+                   NO_CACHE: (no_cache_port, status, st.headers)}
         samples: dict[str, list[tuple[list[float], int, float]]] = {k: [] for k in targets}
-        for _ in range(2):  # alternate, so both see the same phases of training
-            for name, (path, headers) in targets.items():
-                samples[name].append(hammer(st.port, path, headers, clients, api_seconds))
+        for _ in range(2):  # alternate, so all see the same phases of training
+            for name, (port, path, headers) in targets.items():
+                samples[name].append(hammer(port, path, headers, clients, api_seconds))
         step = (st.job(job_id).get("progress") or {}).get("step", 0)
         httpx.post(f"{st.url}/v1/fine_tuning/jobs/{job_id}/cancel", headers=st.headers,
                    timeout=30)
@@ -325,13 +374,11 @@ def run(model_dir: Path, train_file: Path, hp: Hyper, work: Path, *, repeats: in
             api[name] = {"rps": len(lat) / wall, "p50_ms": 1000 * _p(lat, 50),
                          "p99_ms": 1000 * _p(lat, 99), "errors": sum(r[1] for r in runs),
                          "requests": len(lat)}
-            log(f"  {name:<22} {api[name]['rps']:8.1f} req/s, p50 {api[name]['p50_ms']:.1f} ms,"
-                f" p99 {api[name]['p99_ms']:.1f} ms, {api[name]['errors']} errors")
-        log(f"  (the job trained on throughout: step {step} at the end)")
-    desc = (f"{hp.steps} steps × batch {hp.batch_size}, max_length {hp.max_length}, one "
-            "checkpoint")
-    return ServiceOutcome(desc, service_s, direct_s, to_running, to_started, to_first, api,
-                          clients, api_seconds)
+            log(f"  {name:<30} {api[name]['rps']:8.1f} req/s, p50 {api[name]['p50_ms']:.1f} "
+                f"ms, p99 {api[name]['p99_ms']:.1f} ms, {api[name]['errors']} errors")
+        log(f"  (the job trained on throughout: step {step} at the end; status cache "
+            f"{status_cache_seconds():g} s on the first server)")
+    return api
 
 
 def _variant(train_file: Path, work: Path, rep: int) -> Path:
@@ -345,3 +392,44 @@ def _variant(train_file: Path, work: Path, rep: int) -> Path:
     dest = work / "data" / f"service-{rep}.jsonl"
     dest.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n", encoding="utf-8")
     return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.service --api-only``: the API measurement alone, on the service
+    benchmark's model and data (built in ``--work`` on first use)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=main.__doc__)
+    parser.add_argument("--api-only", action="store_true", required=True,
+                        help="measure the API under training load (the only mode here; the "
+                        "whole service benchmark is `python -m bench --full --only service`)")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per endpoint and round")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="the worker's torch threads (as `python -m bench`)")
+    parser.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "quick")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from bench.throughput import SERVICE_HYPER, build_service_model
+    from bench.workload import select_examples
+
+    hp = SERVICE_HYPER
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir, _ = build_service_model(args.work)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    train_file, _ = select_examples(tok, "train", hp.examples, hp.max_length,
+                                    args.work / "data" / "service-train.jsonl")
+    print(f"API under training load: {args.clients} clients, {args.seconds:g} s per endpoint, "
+          "two rounds", flush=True)
+    api = api_load(model_dir, train_file, hp, args.work, clients=args.clients,
+                   api_seconds=args.seconds, threads=args.threads or None,
+                   log=lambda m: print(m, flush=True))
+    for name in ("job status", NO_CACHE):
+        print(f"{name} / bare async: {api[name]['rps'] / api['bare (async def)']['rps']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

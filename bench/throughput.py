@@ -123,8 +123,8 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
 
     ``knobs`` switch off or on what a job can't (to measure one technique at a time):
     ``plain_gelu`` (transformers' unfused GELU), ``dense_packed_mask`` (transformers' own
-    handling of packed rows), ``lm_head_everywhere``, ``torch_compile``,
-    ``dataloader_workers``.
+    handling of packed rows), ``lm_head_everywhere``, ``full_last_layer`` (the last layer on
+    every position), ``torch_compile``, ``dataloader_workers``.
     """
     from shared.settings import get_settings
     from worker import training
@@ -162,6 +162,9 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
         stack.enter_context(_patched(training, "training_arguments", wrap_args))
         if knobs.get("plain_gelu"):
             stack.enter_context(_patched(training, "fuse_tanh_gelu", lambda f: lambda model: 0))
+        if knobs.get("full_last_layer"):
+            stack.enter_context(_patched(training, "run_last_layer_on_loss_positions",
+                                         lambda f: lambda model: False))
         if knobs.get("dense_packed_mask"):
             stack.enter_context(_patched(training, "use_packed_attention",
                                          lambda f: lambda model: False))
@@ -239,7 +242,7 @@ def _ours(label: str, **kw: Any) -> Callable[[Path, Path, Path, Hyper], RunResul
 MAIN: list[Variant] = [
     ("A", "recipe: padded batches, labels = input_ids, plain Trainer", _recipe("A")),
     ("B", "lorafleet job defaults: packing with per-sample attention, loss on the response, "
-          "LM head on labeled positions only, fused GELU", _ours("B")),
+          "LM head and last layer on labeled positions only, fused GELU", _ours("B")),
     ("B, train_on_inputs", "lorafleet, `train_on_inputs: true` (A's objective), packing",
      _ours("B, train_on_inputs", train_on_inputs=True)),
 ]
@@ -250,31 +253,32 @@ def _technique(label: str, settings: str, side: str, **kw: Any) -> Variant:
 
 
 # Cumulative: each row adds one technique to the row above it (or to its LADDER_BASE).
-_SLOW_GELU = {"plain_gelu": True}
+_PLAIN_LAYERS = {"plain_gelu": True, "full_last_layer": True}
 TECHNIQUES: list[Variant] = [
     _technique("A", "recipe", "A"),
     _technique("A + group by length", "recipe, `train_sampling_strategy=group_by_length`",
                "A", group_by_length=True),
     _technique("seed layout via lorafleet", "`packing: false, train_on_inputs: true`; no KV "
                "cache, unfused GELU", "B", packing=False, train_on_inputs=True,
-               knobs=_SLOW_GELU),
+               knobs=_PLAIN_LAYERS),
     _technique("+ packing, transformers' packed mask", "`train_on_inputs: true`; one dense "
                "mask over the whole row", "B", train_on_inputs=True,
-               knobs={**_SLOW_GELU, "dense_packed_mask": True}),
+               knobs={**_PLAIN_LAYERS, "dense_packed_mask": True}),
     _technique("+ packing, per-sample attention", "`train_on_inputs: true`", "B",
-               train_on_inputs=True, knobs=_SLOW_GELU),
+               train_on_inputs=True, knobs=_PLAIN_LAYERS),
     _technique("+ loss on the response only", "LM head on every position", "B",
-               knobs={**_SLOW_GELU, "lm_head_everywhere": True}),
-    _technique("+ LM head on labeled positions only", "", "B", knobs=_SLOW_GELU),
-    _technique("+ fused tanh GELU", "job defaults (= B)", "B"),
+               knobs={**_PLAIN_LAYERS, "lm_head_everywhere": True}),
+    _technique("+ LM head on labeled positions only", "", "B", knobs=_PLAIN_LAYERS),
+    _technique("+ fused tanh GELU", "", "B", knobs={"full_last_layer": True}),
+    _technique("+ last layer on labeled positions only", "job defaults (= B)", "B"),
     _technique("+ 2 dataloader workers", "B + `dataloader_num_workers=2`", "B",
                knobs={"dataloader_workers": 2}),
 ]
 # Variants that branch off an earlier row instead of adding to the one above them.
 LADDER_BASE = {"A + group by length": "A", "seed layout via lorafleet": "A",
                "+ packing, per-sample attention": "seed layout via lorafleet",
-               "+ 2 dataloader workers": "+ fused tanh GELU",
-               "+ torch.compile": "+ fused tanh GELU"}
+               "+ 2 dataloader workers": "+ last layer on labeled positions only",
+               "+ torch.compile": "+ last layer on labeled positions only"}
 # Compiling takes minutes on a small CPU (more with every new packed length): opt-in.
 COMPILE: Variant = _technique("+ torch.compile", "B + `torch_compile=True` (inductor)", "B",
                               knobs={"torch_compile": True})

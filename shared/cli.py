@@ -117,11 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     upgrade()
     exe = [sys.executable, "-m", "shared.cli"]
-    procs = [subprocess.Popen([*exe, "api"])]
-    if not args.no_worker:
-        procs.append(subprocess.Popen([*exe, "worker"]))
-    if not args.no_engine:
-        procs.append(subprocess.Popen([*exe, "serve"]))
+    names = ["api"] + ([] if args.no_worker else ["worker"]) + ([] if args.no_engine else ["serve"])
+    procs = [subprocess.Popen([*exe, name]) for name in names]
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -135,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stopping:
             for p in procs:
                 if p.poll() is not None:
-                    print(f"lorafleet up: {p.args[-1]} exited with {p.returncode}",
+                    print(f"lorafleet up: {names[procs.index(p)]} exited with {p.returncode}",
                           file=sys.stderr)
                     stopping, code = True, p.returncode or 1
             time.sleep(0.2)

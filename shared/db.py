@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import get_settings
@@ -56,3 +57,8 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def execute_count(session: Session, statement: Executable) -> int:
+    """Run an UPDATE or DELETE; the number of rows it matched (0 when a condition failed)."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount

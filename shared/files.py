@@ -66,7 +66,7 @@ def validate_jsonl(path: Path) -> tuple[int, str, list[str]]:
             missing a column of the file's shape), or an empty file.
     """
     settings = get_settings()
-    count, shape, columns = 0, None, set()
+    count, shape, columns = 0, None, set[str]()
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -104,7 +104,7 @@ def validate_jsonl(path: Path) -> tuple[int, str, list[str]]:
                 )
             if count == 0:
                 shape = detect_shape(record) or "custom"
-            if shape != "custom":
+            if shape is not None and shape != "custom":
                 _check_shape(record, shape, lineno)
             columns.update(k for k in record if isinstance(k, str))
             count += 1

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared import files, storage
+from shared.db import execute_count
 from shared.errors import (
     Conflict,
     InvalidDataset,
@@ -327,12 +328,13 @@ def cancel_job(session: Session, job_id: str, project: str = "default") -> Job:
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id} has already {job.status}", param="fine_tuning_job_id")
     # Not running: nobody holds a lease, so cancel at once (conditional on the state we read).
-    done = session.execute(
+    done = execute_count(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status.in_(("queued", "validating_files")),
                Job.attempt == job.attempt)
-        .values(status="cancelled", finished_at=now(), cancel_requested=True)
-    ).rowcount
+        .values(status="cancelled", finished_at=now(), cancel_requested=True),
+    )
     if done:
         add_event(session, job_id, "Job cancelled")
     else:

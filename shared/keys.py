@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -12,6 +15,7 @@ from sqlalchemy.orm import Session
 from shared.errors import InvalidRequest, LorafleetError, NotFound
 from shared.ids import new_id, now
 from shared.models import ApiKey
+from shared.settings import get_settings
 
 KEY_PREFIX = "lf-"
 PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -26,6 +30,58 @@ class Unauthorized(LorafleetError):
 def _hash(key: str) -> str:
     # Keys are 256-bit random strings, so a plain SHA-256 is enough (no password stretching).
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyCache:
+    """Projects of keys checked recently, by key hash, for ``auth_cache_seconds``.
+
+    Only keys that were found are kept, so an unknown key costs a database read every time
+    (an attacker cannot fill the cache). Revoking a key in this process drops it at once;
+    other API processes notice within the TTL. Thread-safe: sync routes fill it from the
+    thread pool while async routes read it on the event loop.
+    """
+
+    def __init__(self, max_entries: int = 10_000):
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        # key hash -> (project, when its check began on the monotonic clock); oldest first
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def lookup(self, key_hash: str) -> tuple[str, float] | None:
+        """The key's project and when it was checked, unless that was a TTL ago or more."""
+        with self._lock:
+            hit = self._entries.get(key_hash)
+        if hit is None or hit[1] + get_settings().auth_cache_seconds <= time.monotonic():
+            return None
+        return hit
+
+    def get(self, key_hash: str) -> str | None:
+        hit = self.lookup(key_hash)
+        return hit[0] if hit else None
+
+    def put(self, key_hash: str, project: str, checked_at: float) -> None:
+        """Keep a key found by a check that began at ``checked_at``."""
+        if get_settings().auth_cache_seconds <= 0:
+            return
+        with self._lock:
+            self._entries[key_hash] = (project, checked_at)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def drop(self, key_hash: str) -> None:
+        with self._lock:
+            self._entries.pop(key_hash, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+key_cache = KeyCache()
 
 
 def create_key(session: Session, project: str, name: str = "") -> tuple[ApiKey, str]:
@@ -49,16 +105,26 @@ def list_keys(session: Session, project: str | None = None) -> list[ApiKey]:
 
 
 def revoke_key(session: Session, key_id: str) -> None:
-    if not session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-                           .values(revoked_at=now())).rowcount:
-        raise NotFound(f"No such active key: {key_id}", param="key_id")
-
-
-def authenticate(session: Session, authorization: str | None) -> str:
-    """The project of a ``Bearer`` key.
+    """Revoke a key. API processes that checked it recently accept it for up to
+    ``auth_cache_seconds`` more; this process forgets it at once (a request it checks while
+    the revoke is not yet committed may still keep it for that long).
 
     Raises:
-        Unauthorized: no key, a malformed header, or an unknown or revoked key.
+        NotFound: no active key has this id.
+    """
+    key_hash = session.scalar(update(ApiKey)
+                              .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                              .values(revoked_at=now()).returning(ApiKey.key_hash))
+    if key_hash is None:
+        raise NotFound(f"No such active key: {key_id}", param="key_id")
+    key_cache.drop(key_hash)
+
+
+def hash_header(authorization: str | None) -> str:
+    """The hash of the key in an ``Authorization`` header, as :data:`key_cache` knows it.
+
+    Raises:
+        Unauthorized: no header, or one that is not ``Bearer <key>``.
     """
     if not authorization:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'",
@@ -66,8 +132,30 @@ def authenticate(session: Session, authorization: str | None) -> str:
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'")
+    return _hash(key.strip())
+
+
+def check_key(session: Session, key_hash: str) -> str:
+    """The project of a key, from the database; kept in :data:`key_cache`.
+
+    Raises:
+        Unauthorized: an unknown or revoked key (forgotten by the cache).
+    """
+    checked_at = time.monotonic()
     project = session.scalar(select(ApiKey.project).where(
-        ApiKey.key_hash == _hash(key.strip()), ApiKey.revoked_at.is_(None)))
+        ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     if project is None:
+        key_cache.drop(key_hash)
         raise Unauthorized("Incorrect API key provided")
+    key_cache.put(key_hash, project, checked_at)
     return project
+
+
+def authenticate(session: Session, authorization: str | None) -> str:
+    """The project of a ``Bearer`` key (from :data:`key_cache` when it was checked recently).
+
+    Raises:
+        Unauthorized: no key, a malformed header, or an unknown or revoked key.
+    """
+    key_hash = hash_header(authorization)
+    return key_cache.get(key_hash) or check_key(session, key_hash)

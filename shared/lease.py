@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import aliased
 
-from shared.db import session_scope
+from shared.db import execute_count, session_scope
 from shared.ids import now
 from shared.jobs import RUNNING_LOCK, add_event, lock_project
 from shared.models import Checkpoint, Job, JobAttempt
@@ -83,13 +83,14 @@ def claim(job_id: str, worker: str) -> Claim | None:
             # Counted again inside the update: on SQLite the update is the atomic step.
             under_limit.append(running.scalar_subquery() < limit)
         new_attempt = job.attempt + 1
-        won = s.execute(
+        won = execute_count(
+            s,
             update(Job)
             .where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt,
                    *under_limit)
             .values(status="running", attempt=new_attempt, lease_owner=worker, heartbeat_at=t,
                     not_before=None)
-        ).rowcount
+        )
         if not won:
             return None
         start_step = job.last_good_step or 0
@@ -113,7 +114,7 @@ class Beat:
 def heartbeat(job_id: str, attempt: int) -> Beat:
     t = time.time()
     with session_scope() as s:
-        alive = s.execute(_fenced(job_id, attempt).values(heartbeat_at=t)).rowcount == 1
+        alive = execute_count(s, _fenced(job_id, attempt).values(heartbeat_at=t)) == 1
         s.execute(
             update(JobAttempt)
             .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
@@ -133,7 +134,7 @@ def fenced_update(job_id: str, attempt: int, *, event: str | None = None,
     """
     values = values or {"heartbeat_at": time.time()}  # an event alone still checks the fence
     with session_scope() as s:
-        if s.execute(_fenced(job_id, attempt).values(**values)).rowcount != 1:
+        if execute_count(s, _fenced(job_id, attempt).values(**values)) != 1:
             raise LeaseLost(f"{job_id} attempt {attempt} no longer holds the lease")
         if event:
             add_event(s, job_id, event, level=level, type=event_type, data=event_data)
@@ -144,9 +145,10 @@ def record_checkpoint(job_id: str, attempt: int, step: int, rel_path: str,
     """Record a *complete* checkpoint as the job's resume point; returns its id."""
     ckpt_id = f"ftckpt-{job_id.removeprefix('ftjob-')}-{step}"
     with session_scope() as s:
-        won = s.execute(
+        won = execute_count(
+            s,
             _fenced(job_id, attempt).values(last_good_checkpoint=rel_path, last_good_step=step)
-        ).rowcount
+        )
         if won != 1:
             raise LeaseLost(f"{job_id} attempt {attempt} no longer holds the lease")
         # A step saved again by a later attempt replaces the earlier row.
@@ -205,6 +207,7 @@ def release(job_id: str, attempt: int, *, reason: str, count_failure: bool,
         if job is None or job.attempt != attempt or job.status != "running":
             return False
         failures = job.failures + (1 if count_failure else 0)
+        values: dict[str, Any]
         if count_failure and failures >= settings.max_attempts:
             status, values = "failed", {
                 "finished_at": now(),
@@ -217,9 +220,9 @@ def release(job_id: str, attempt: int, *, reason: str, count_failure: bool,
             delay = settings.retry_backoff_seconds * (2 ** (failures - 1)) if count_failure else 0
             status, values = "queued", {"not_before": time.time() + delay if delay else None,
                                         "enqueued_at": time.time()}
-        won = s.execute(_fenced(job_id, attempt).values(
+        won = execute_count(s, _fenced(job_id, attempt).values(
             status=status, failures=failures, lease_owner=None, heartbeat_at=None, **values
-        )).rowcount
+        ))
         if not won:
             return False
         where = f" at step {step}" if step is not None else ""
@@ -264,8 +267,9 @@ def sweep() -> list[str]:
                 continue
             same_send = (Job.enqueued_at.is_(None) if job.enqueued_at is None
                          else Job.enqueued_at == job.enqueued_at)
-            won = s.execute(update(Job).where(Job.id == job.id, Job.status == "queued", same_send)
-                            .values(enqueued_at=t)).rowcount
+            won = execute_count(s, update(Job)
+                                .where(Job.id == job.id, Job.status == "queued", same_send)
+                                .values(enqueued_at=t))
             if won:
                 requeued.append(job.id)
     for job_id in requeued:
@@ -281,6 +285,7 @@ def _release_stale(job: Job, reason: str, step: int | None) -> bool:
     settings = get_settings()
     with session_scope() as s:
         failures = job.failures + 1
+        values: dict[str, Any]
         if job.cancel_requested:
             status, values, level = "cancelled", {"finished_at": now()}, "info"
         elif failures >= settings.max_attempts:
@@ -293,11 +298,11 @@ def _release_stale(job: Job, reason: str, step: int | None) -> bool:
             status, level = "queued", "warn"
             delay = settings.retry_backoff_seconds * (2 ** (failures - 1))
             values = {"not_before": time.time() + delay, "enqueued_at": None}
-        won = s.execute(update(Job).where(
+        won = execute_count(s, update(Job).where(
             Job.id == job.id, Job.attempt == job.attempt, Job.status == "running",
             Job.heartbeat_at == job.heartbeat_at,
         ).values(status=status, failures=failures, lease_owner=None, heartbeat_at=None,
-                 **values)).rowcount
+                 **values))
         if not won:
             return False
         at = f" at step {step}" if step is not None else ""

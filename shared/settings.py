@@ -47,6 +47,21 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(
         True, description="Upgrade the database schema when the API starts."
     )
+    auth_cache_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long the API trusts an API key it has checked before asking the "
+        "database again: a key revoked by `lorafleet keys revoke` stops working within this "
+        "time. 0: check every request.",
+    )
+    status_cache_seconds: float = Field(
+        0.25,
+        ge=0,
+        description="How long the API reuses a job's status answer (GET "
+        "/v1/fine_tuning/jobs/{id}): a worker's progress shows up this much later at most; "
+        "a cancel shows at once on the API process that took it. 0: read the database every "
+        "request.",
+    )
 
     # --- input limits --------------------------------------------------------------------
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Largest upload (bytes).")

@@ -80,7 +80,9 @@ def settings_env(
 ) -> Iterator[Callable[..., Any]]:
     """Point this process's ``get_settings()`` at a fresh storage folder, with overrides:
     ``settings = settings_env(max_upload_bytes=10)``. Caches are cleared before and after."""
+    from api.status_cache import key_checks, status_cache
     from shared import db, queue
+    from shared.keys import key_cache
     from shared.settings import get_settings
 
     caches = (get_settings, db.get_engine, db.get_sessionmaker, queue.get_celery)
@@ -90,6 +92,9 @@ def settings_env(
             db.get_engine().dispose()
         for cached in caches:
             cached.cache_clear()
+        key_cache.clear()
+        key_checks.clear()
+        status_cache.clear()  # reads in flight too: they belong to the old event loop
 
     def configure(**overrides: Any) -> Any:
         for name in [n for n in os.environ if n.startswith("LORAFLEET_")]:

@@ -59,7 +59,7 @@ def list_complete(root: Path) -> list[tuple[int, Path]]:
 
 def clean_incomplete(root: Path) -> list[Path]:
     """Remove staging folders and checkpoint folders without a valid marker."""
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for p in root.iterdir():

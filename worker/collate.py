@@ -15,19 +15,25 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq
 
+from worker.last_layer import LOSS_POSITIONS
 from worker.preprocess import IGNORE_INDEX
 
 
-def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def loss_positions(labels: torch.Tensor, *, for_last_layer: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """``logits_to_keep`` and ``shift_labels`` for a ``labels`` batch (any leading shape).
 
     Position ``t`` predicts token ``t + 1``, so its target is ``labels[..., t + 1]``; the last
     position predicts nothing. transformers' causal-LM loss takes ``shift_labels`` as given
-    (no shifting) and its Trainer counts the loss's tokens from them.
+    (no shifting) and its Trainer counts the loss's tokens from them. ``for_last_layer`` also
+    sends the mask as ``loss_positions`` (see :mod:`worker.last_layer`).
     """
     shifted = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     keep = shifted != IGNORE_INDEX
-    return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
+    out = {"logits_to_keep": keep, "shift_labels": shifted[keep]}
+    if for_last_layer:
+        out[LOSS_POSITIONS] = keep
+    return out
 
 
 class PackedCollator:
@@ -39,8 +45,9 @@ class PackedCollator:
     masked: it would otherwise be the target of the previous sample's last token.
     """
 
-    def __init__(self, *, loss_only_where_labeled: bool = True):
+    def __init__(self, *, loss_only_where_labeled: bool = True, last_layer: bool = False):
         self.loss_only_where_labeled = loss_only_where_labeled
+        self.last_layer = last_layer
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ids: list[int] = []
@@ -68,7 +75,7 @@ class PackedCollator:
             "max_length_k": longest,
         }
         if self.loss_only_where_labeled:
-            batch.update(loss_positions(batch["labels"]))
+            batch.update(loss_positions(batch["labels"], for_last_layer=self.last_layer))
         return batch
 
 
@@ -87,13 +94,17 @@ class PaddedCollator:
         return batch
 
 
-def make_collator(tokenizer: Any, *, packing: bool, loss_only_where_labeled: bool = True) -> Any:
+def make_collator(tokenizer: Any, *, packing: bool, loss_only_where_labeled: bool = True,
+                  last_layer: bool = False) -> Any:
     """The collator of a job: packed rows with ``packing``, else padded batches.
 
     Args:
         loss_only_where_labeled: run the LM head and the loss on labeled positions only
             (exact; off only to measure what it saves).
+        last_layer: also send ``loss_positions`` for a model whose last layer runs on them
+            alone (packed rows only).
     """
     if packing:
-        return PackedCollator(loss_only_where_labeled=loss_only_where_labeled)
+        return PackedCollator(loss_only_where_labeled=loss_only_where_labeled,
+                              last_layer=last_layer)
     return PaddedCollator(tokenizer, loss_only_where_labeled=loss_only_where_labeled)

@@ -253,7 +253,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         log.info("job %s: removed incomplete checkpoints %s", claim.job_id, names)
         hooks.write(event="Removed incomplete checkpoint folders left by an interrupted save: "
                           + ", ".join(names), event_data={"removed": names})
-        steps = [s for p in leftovers if (s := checkpoints.step_of(p)) is not None]
+        steps = [n for p in leftovers if (n := checkpoints.step_of(p)) is not None]
         lease.mark_checkpoints_deleted(claim.job_id, steps)
     resume = _resume_point(claim)
     if resume is not None:

@@ -35,6 +35,8 @@ from shared.schemas import TrainingSpec
 from worker.attention import use_packed_attention
 from worker.checkpoints import COMPLETE_MARKER, complete_checkpoint, write_marker
 from worker.collate import make_collator
+from worker.last_layer import is_patched as last_layer_patched
+from worker.last_layer import run_last_layer_on_loss_positions
 from worker.preprocess import Prepared
 
 log = logging.getLogger(__name__)
@@ -180,18 +182,17 @@ def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
     # values, and (transformers 5) its presence turns off the per-sample mask of packed rows.
     base.config.use_cache = False
     fuse_tanh_gelu(base)
-    if spec.packing:
-        use_packed_attention(base)
+    if spec.packing and use_packed_attention(base) and not spec.train_on_inputs:
+        run_last_layer_on_loss_positions(base)
     if quantization is not None:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=spec.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets: list[str] | str = spec.lora.target_modules or TARGET_MODULES.get(
-        base.config.model_type, "all-linear"
-    )
+    targets: list[str] | str = (spec.lora.target_modules
+                                or TARGET_MODULES.get(base.config.model_type) or "all-linear")
     config = LoraConfig(
         r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
+        lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # annotated int; any number scales
         lora_dropout=spec.lora.dropout,
         target_modules=targets,
         bias="none",
@@ -422,7 +423,8 @@ def train_adapter(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=make_collator(tokenizer, packing=spec.packing),
+        data_collator=make_collator(tokenizer, packing=spec.packing,
+                                    last_layer=last_layer_patched(model)),
         processing_class=tokenizer,
         callbacks=[callback],
     )

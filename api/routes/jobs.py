@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from api.deps import ProjectDep, SessionDep
+from api.deps import AuthorizationDep, ProjectDep, SessionDep
+from api.status_cache import job_status, status_cache
 from shared import jobs
 from shared.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
 
@@ -28,16 +29,20 @@ def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None
     return JobsPublic(data=[jobs.job_public(j) for j in rows], has_more=more)
 
 
+# What clients poll: async and served from api.status_cache (the JSON of a JobPublic).
 @router.get("/{job_id}", response_model=JobPublic)
-def retrieve_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+async def retrieve_job(job_id: str, authorization: AuthorizationDep) -> Response:
     """A job's status, progress and result."""
-    return jobs.job_public(jobs.get_job(session, job_id, project))
+    return Response(await job_status(job_id, authorization), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
     """Cancel an unfinished job (409 if it already ended)."""
-    return jobs.job_public(jobs.cancel_job(session, job_id, project))
+    job = jobs.cancel_job(session, job_id, project)
+    session.commit()  # first: the job's next status read must see the cancel
+    status_cache.forget(job_id)
+    return jobs.job_public(job)
 
 
 @router.get("/{job_id}/events", response_model=EventsPublic)

@@ -1,0 +1,121 @@
+"""The last decoder layer, run only where a loss is taken.
+
+With the loss on the response only, most positions of a batch carry no target: their output at
+the last layer feeds nothing but the LM head, which already skips them (``logits_to_keep``).
+What the positions *do* feed there is the keys and values that the labeled positions attend
+to. So in the last layer this computes the keys and values at every position, and the queries,
+attention output, MLP and residual at the labeled positions alone. Exact: the loss and every
+gradient equal the full layer's, to float rounding (a test checks it).
+
+It applies to a packed row (``cu_seq_lens_q`` boundaries, see :mod:`worker.attention`) of a
+Phi model (attention and MLP in parallel on one layer norm); anything else runs the layer as
+it is. The collator sends the labeled positions as ``loss_positions`` (a boolean mask).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+log = logging.getLogger(__name__)
+
+LOSS_POSITIONS = "loss_positions"
+# Above this share of labeled positions the gathers cost more than the layer saves.
+MAX_SHARE = 0.75
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """Phi's partial rotary embedding on ``(1, heads, n, head_dim)``; ``cos``/``sin`` are
+    ``(1, n, dims)``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot, rest = x[..., :dims], x[..., dims:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def _attend(attn: Any, x: torch.Tensor, rows: torch.Tensor, bounds: list[int],
+            cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Phi self-attention of the positions ``rows`` (sorted) over their own samples' keys."""
+    head_dim = attn.head_dim
+    q = attn.q_proj(x[:, rows]).view(1, rows.numel(), -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+    if attn.qk_layernorm:
+        q, k = attn.q_layernorm(q), attn.k_layernorm(k)
+    q = _rotary(q, cos[:, rows], sin[:, rows], attn.rotary_ndims)
+    k = _rotary(k, cos, sin, attn.rotary_ndims)
+    groups = attn.num_key_value_groups
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    # Where each sample's queries start and end among ``rows``.
+    cuts = torch.searchsorted(rows, torch.tensor(bounds, device=rows.device)).tolist()
+    pieces = []
+    for start, q0, q1 in zip(bounds[:-1], cuts[:-1], cuts[1:], strict=True):
+        if q1 == q0:
+            continue
+        last = int(rows[q1 - 1]) + 1  # keys after the sample's last query are never read
+        keys = torch.arange(start, last, device=rows.device)
+        mask = keys.unsqueeze(0) <= rows[q0:q1].unsqueeze(1)  # causal, within the sample
+        pieces.append(F.scaled_dot_product_attention(
+            q[:, :, q0:q1], k[:, :, start:last], v[:, :, start:last], attn_mask=mask,
+            dropout_p=dropout, scale=attn.scaling))
+    out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    return attn.dense(out.transpose(1, 2).reshape(1, rows.numel(), -1))
+
+
+def _phi_forward(layer: Any, full: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        keep = kwargs.pop(LOSS_POSITIONS, None)
+        bounds = kwargs.get("cu_seq_lens_q")
+        embeddings = kwargs.get("position_embeddings")
+        if (keep is None or bounds is None or embeddings is None or args
+                or kwargs.get("cache") is not None or hidden_states.shape[0] != 1
+                or kwargs.get("attention_mask") is not None):
+            return full(hidden_states, *args, **kwargs)
+        rows = keep[0].nonzero().squeeze(1)
+        if rows.numel() == 0 or rows.numel() > MAX_SHARE * hidden_states.shape[1]:
+            return full(hidden_states, *args, **kwargs)
+        cos, sin = embeddings
+        x = layer.input_layernorm(hidden_states)
+        attn_out = _attend(layer.self_attn, x, rows, bounds.tolist(), cos, sin)
+        mlp_out = layer.mlp(x[:, rows])
+        kept = (layer.resid_dropout(attn_out) + layer.resid_dropout(mlp_out)
+                + hidden_states[:, rows])
+        # Full length again, so the model's final norm and ``logits_to_keep`` apply as usual;
+        # the positions left at zero are never read.
+        return hidden_states.new_zeros(hidden_states.shape).index_copy(1, rows, kept)
+
+    forward.loss_positions_only = True  # type: ignore[attr-defined]
+    return forward
+
+
+def run_last_layer_on_loss_positions(model: Any) -> bool:
+    """Patch ``model``'s (a transformers Phi ``PreTrainedModel``) last decoder layer; returns
+    whether it did. The batches must then carry ``loss_positions``."""
+    if getattr(model.config, "model_type", None) != "phi":
+        return False
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return False
+    layer = layers[-1]
+    if not is_patched(model):
+        layer.forward = _phi_forward(layer, layer.forward)
+    return True
+
+
+def is_patched(model: Any) -> bool:
+    """Whether ``model`` (or the base model under a peft wrapper) runs its last layer on
+    ``loss_positions``."""
+    for module in model.modules():
+        if getattr(getattr(module, "forward", None), "loss_positions_only", False):
+            return True
+    return False
