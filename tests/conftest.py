@@ -110,3 +110,25 @@ def settings_env(
     yield configure
     monkeypatch.undo()
     clear()
+
+
+@pytest.fixture
+def started_app(settings_env: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """``started_app(**settings)``: a started ``TestClient`` of the API (migrations run) under
+    those settings; stopped at the end of the test."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    clients: list[TestClient] = []
+
+    def start(**settings: Any) -> TestClient:
+        settings_env(**settings)
+        client = TestClient(create_app())
+        client.__enter__()  # runs the start-up: migrations
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)

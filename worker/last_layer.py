@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812
+from transformers.models.phi.modeling_phi import rotate_half
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,12 @@ LOSS_POSITIONS = "loss_positions"
 MAX_SHARE = 0.75
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
     """Phi's partial rotary embedding on ``(1, heads, n, head_dim)``; ``cos``/``sin`` are
     ``(1, n, dims)``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rot, rest = x[..., :dims], x[..., dims:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
 def _attend(attn: Any, x: torch.Tensor, rows: torch.Tensor, bounds: list[int],

@@ -10,7 +10,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +19,6 @@ from pydantic import TypeAdapter
 from sqlalchemy import update
 
 from api import status_cache as status_module
-from api.main import create_app
 from api.status_cache import StatusCache, status_cache
 from shared import jobs
 from shared.db import session_scope
@@ -69,20 +68,9 @@ def set_status(job_id: str, status: str) -> None:
 
 
 @pytest.fixture
-def api_with(settings_env: Callable[..., Any]) -> Iterator[Callable[..., Api]]:
+def api_with(started_app: Callable[..., TestClient]) -> Callable[..., Api]:
     """``api_with(**settings)``: an :class:`Api` under those settings."""
-    clients: list[TestClient] = []
-
-    def start(**settings: Any) -> Api:
-        settings_env(**settings)
-        client = TestClient(create_app())
-        client.__enter__()  # runs the start-up: migrations
-        clients.append(client)
-        return Api(client)
-
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
+    return lambda **settings: Api(started_app(**settings))
 
 
 # --------------------------------------------------------------------------- through the API

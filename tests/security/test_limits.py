@@ -15,7 +15,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.main import create_app
 from shared.settings import Settings
 from tests.security.expect import error_of
 from tests.support import BACKENDS, Stack, create_job, upload_dialogsum, wait_for_status
@@ -69,23 +68,16 @@ class Api:
 
 
 @pytest.fixture
-def api_with(settings_env: Callable[..., Any]) -> Iterator[Callable[..., Api]]:
+def api_with(started_app: Callable[..., TestClient]) -> Callable[..., Api]:
     """``api_with(**settings)``: an :class:`Api` under those settings."""
-    clients: list[TestClient] = []
 
     def start(**settings: Any) -> Api:
-        settings_env(**settings)
-        client = TestClient(create_app())
-        client.__enter__()  # runs the start-up: migrations
-        clients.append(client)
-        api = Api(client, "")
+        api = Api(started_app(**settings), "")
         api.key = api.new_key("p")
         api.headers = {"Authorization": f"Bearer {api.key}"}
         return api
 
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
+    return start
 
 
 @pytest.fixture(params=BACKENDS)
