@@ -70,15 +70,6 @@ def _step(row: Any) -> int:
     return int((progress or {}).get("step") or 0)
 
 
-def _steps_since(stack: Any, job_id: str, attempt: int) -> int:
-    """Training steps logged by ``attempt`` of the job so far."""
-    return stack.sql(
-        "SELECT count(*) AS n FROM job_events WHERE job_id = :id AND type = 'metrics' "
-        "AND message LIKE 'Step %' AND seq > (SELECT coalesce(max(seq), 1e18) FROM job_events "
-        "WHERE job_id = :id AND message LIKE :started)",
-        id=job_id, started=f"Attempt {attempt} started%")[0].n
-
-
 def _owner(stack: Any, row: Any) -> int | None:
     if not row.lease_owner:
         return None
@@ -132,6 +123,8 @@ def run(trials: int, save_steps: int, work: Path, threads: int) -> tuple[list[Tr
 
 def _one_kill(stack: Any, job_id: str, save_steps: int) -> Trial:
     """Kill the worker of ``job_id`` just before its next checkpoint; time the recovery."""
+    from tests.support.stack import steps_logged_by
+
     # The attempt running now saves a checkpoint of its own, then trains on to the step just
     # before the next one: a kill then loses the most work.
     start = _wait(lambda: (r := _row(stack, job_id)).status == "running"
@@ -149,7 +142,7 @@ def _one_kill(stack: Any, job_id: str, save_steps: int) -> Trial:
     t0 = time.time()
     stack.kill_worker(index, signal.SIGKILL, wait=None)
     stack.add_worker(wait=False)
-    _wait(lambda: _steps_since(stack, job_id, attempt + 1), 300, "the first new step")
+    _wait(lambda: steps_logged_by(stack, job_id, attempt + 1), 300, "the first new step")
     t_step = time.time()
     new = _row(stack, job_id)
     lost, claimed = (stack.sql("SELECT ended_at, started_at FROM job_attempts WHERE "

@@ -114,16 +114,6 @@ def progress_step(stack: Stack, job_id: str) -> int:
     return int((progress or {}).get("step") or 0)
 
 
-def steps_logged_by(stack: Stack, job_id: str, attempt: int) -> int:
-    """How many training steps ``attempt`` of the job logged (metrics events after the
-    "Attempt N started" event)."""
-    return stack.sql(
-        "SELECT count(*) AS n FROM job_events WHERE job_id = :id AND type = 'metrics' "
-        "AND message LIKE 'Step %' AND seq > (SELECT coalesce(max(seq), 1e18) FROM job_events "
-        "WHERE job_id = :id AND message LIKE :started)",
-        id=job_id, started=f"Attempt {attempt} started%")[0].n
-
-
 def owner_index(stack: Stack, job_id: str) -> int | None:
     """The index of the worker whose process trains ``job_id`` now (``None``: nobody)."""
     owner = job_row(stack, job_id).lease_owner

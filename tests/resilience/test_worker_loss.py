@@ -29,11 +29,11 @@ from tests.resilience.conftest import (
     owner_index,
     progress_step,
     start_stack,
-    steps_logged_by,
     train_losses,
     wait_until,
 )
 from tests.support import Stack, create_job, list_all_events, upload_dialogsum, wait_for_status
+from tests.support.stack import steps_logged_by
 
 pytestmark = pytest.mark.e2e
 

@@ -364,3 +364,13 @@ class StackFactory:
     def close(self) -> None:
         for stack in reversed(self.stacks):
             stack.stop()
+
+
+def steps_logged_by(stack: Stack, job_id: str, attempt: int) -> int:
+    """How many training steps ``attempt`` of the job logged (metrics events after the
+    "Attempt N started" event)."""
+    return stack.sql(
+        "SELECT count(*) AS n FROM job_events WHERE job_id = :id AND type = 'metrics' "
+        "AND message LIKE 'Step %' AND seq > (SELECT coalesce(max(seq), 1e18) FROM job_events "
+        "WHERE job_id = :id AND message LIKE :started)",
+        id=job_id, started=f"Attempt {attempt} started%")[0].n
