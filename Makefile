@@ -28,9 +28,10 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy shared api
+	$(BIN)/lint-imports
 
 clean:
-	rm -rf .demo build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf .demo build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .import_linter_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Training throughput, recipe vs lorafleet: `bench` is CI-sized (a couple of minutes) and prints

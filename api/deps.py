@@ -9,8 +9,8 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.auth import authenticate
 from shared.db import get_sessionmaker
-from shared.keys import authenticate
 
 
 def get_db() -> Iterator[Session]:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from shared.http_errors import error_body
 from shared.settings import get_settings
 
 UPLOAD_ROUTES = {("POST", "/v1/files")}

@@ -6,10 +6,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
 from api.engine import EngineClient
+from api.errors import ERROR_RESPONSES
 from api.limits import RequestLimits
 from api.routes import files, health, inference, jobs
+from shared import http_errors
 from shared.settings import get_settings
 
 
@@ -34,10 +35,10 @@ def create_app() -> FastAPI:
         description="LoRA fine-tuning jobs over an OpenAI-shaped API.",
         lifespan=_lifespan,
     )
-    errors.install(app)
+    http_errors.install(app)
     app.add_middleware(RequestLimits)
 
     app.include_router(health.router)
     for router in (files.router, jobs.router, inference.router):
-        app.include_router(router, responses=errors.ERROR_RESPONSES)
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app

@@ -36,7 +36,7 @@ def main() -> None:
     from shared.settings import get_settings
 
     s = get_settings()
-    # As shared.cli's `api` command runs uvicorn, but with this app.
+    # As cli.main's `api` command runs uvicorn, but with this app.
     uvicorn.run("bench.api_server:create_app", factory=True, host=s.host, port=s.port,
                 log_level="info", timeout_graceful_shutdown=5)
 

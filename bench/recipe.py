@@ -113,7 +113,7 @@ def train_recipe(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper, *,
         set_seed,
     )
 
-    from worker.training import TARGET_MODULES
+    from worker.training.model import TARGET_MODULES
 
     set_seed(hp.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

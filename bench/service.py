@@ -71,7 +71,7 @@ class Stack:
         logs = self.storage / "logs"
         logs.mkdir(exist_ok=True)
         self.key = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "keys", "create", "--project", "bench"],
+            [sys.executable, "-m", "cli.main", "keys", "create", "--project", "bench"],
             env=self.env, cwd=REPO, check=True, capture_output=True, text=True,
         ).stdout.strip().splitlines()[-1]
         for i, cmd in enumerate(commands):
@@ -195,8 +195,9 @@ def direct_run(model_dir: Path, train_file: Path, out: Path, hp: Hyper) -> float
     """The job's work called directly, as the worker calls it; returns wall seconds."""
     from bench.throughput import lorafleet_spec
     from shared.settings import get_settings
+    from worker.loading import load_tokenizer
     from worker.preprocess import prepare
-    from worker.training import load_tokenizer, train_adapter
+    from worker.training import train_adapter
 
     shutil.rmtree(out, ignore_errors=True)
     os.environ["LORAFLEET_STORAGE_DIR"] = str(out / "storage")
@@ -281,7 +282,7 @@ def run(model_dir: Path, train_file: Path, hp: Hyper, work: Path, *, repeats: in
     """All three service measurements. ``model_dir`` must sit in its own folder (it becomes
     the service's models folder). ``threads``: the workers' torch threads (match this
     process's, so the direct call and the job compute alike)."""
-    up = [sys.executable, "-m", "shared.cli", "up", "--no-engine"]
+    up = [sys.executable, "-m", "cli.main", "up", "--no-engine"]
     models_dir = model_dir.parent
     warm_body = job_body(model_dir, "", Hyper(**{**hp.__dict__, "steps": 2}))
     service_s: list[float] = []
@@ -344,7 +345,7 @@ def api_load(model_dir: Path, train_file: Path, hp: Hyper, work: Path, *, client
     (default settings), and on a second server of the same service with the status cache off
     (:data:`NO_CACHE`); ``{endpoint: {rps, p50_ms, p99_ms, errors, requests}}``."""
     api_server = [sys.executable, "-m", "bench.api_server"]
-    worker = [sys.executable, "-m", "shared.cli", "worker"]
+    worker = [sys.executable, "-m", "cli.main", "worker"]
     api: dict[str, dict[str, float]] = {}
     with stack(work, "api", model_dir.parent, [api_server, worker], threads) as st:
         no_cache_port = st.add_api_server(status_cache_seconds="0")

@@ -193,7 +193,7 @@ def bench_status_poll(model: Path, adapters: list[Path], args: argparse.Namespac
         "LORAFLEET_MAX_BATCH_SIZE": str(args.requests), "LORAFLEET_MAX_QUEUED_REQUESTS": "10000",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
     })
-    cli = [sys.executable, "-m", "shared.cli"]
+    cli = [sys.executable, "-m", "cli.main"]
     subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True, cwd=ROOT)
     key = subprocess.run([*cli, "keys", "create", "--project", "bench"], env=env, check=True,
                          capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()[-1]

@@ -80,7 +80,7 @@ def build_service_model(work: Path) -> tuple[Path, int]:
 # --------------------------------------------------------------------------- side B
 def lorafleet_spec(model_dir: Path, hp: Hyper, **options: Any) -> Any:
     """The ``TrainingSpec`` a job gets from ``JobCreate``'s defaults plus ``options`` (the
-    request's extension fields), converted the way ``shared.jobs.build_spec`` does."""
+    request's extension fields), converted the way ``api.jobs.build_spec`` does."""
     from shared.schemas import JobCreate, LoraSpec, TrainingSpec
     from shared.templates import PromptFormat
 
@@ -127,8 +127,9 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
     every position), ``torch_compile``, ``dataloader_workers``.
     """
     from shared.settings import get_settings
-    from worker import training
+    from worker.loading import load_tokenizer
     from worker.preprocess import prepare
+    from worker.training import Hooks, StartInfo, model, trainer
 
     knobs = knobs or {}
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -158,31 +159,31 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
         return made
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(training, "make_collator", wrap_collator))
-        stack.enter_context(_patched(training, "training_arguments", wrap_args))
+        stack.enter_context(_patched(trainer, "make_collator", wrap_collator))
+        stack.enter_context(_patched(trainer, "training_arguments", wrap_args))
         if knobs.get("plain_gelu"):
-            stack.enter_context(_patched(training, "fuse_tanh_gelu", lambda f: lambda model: 0))
+            stack.enter_context(_patched(model, "fuse_tanh_gelu", lambda f: lambda m: 0))
         if knobs.get("full_last_layer"):
-            stack.enter_context(_patched(training, "run_last_layer_on_loss_positions",
-                                         lambda f: lambda model: False))
+            stack.enter_context(_patched(model, "run_last_layer_on_loss_positions",
+                                         lambda f: lambda m: False))
         if knobs.get("dense_packed_mask"):
-            stack.enter_context(_patched(training, "use_packed_attention",
-                                         lambda f: lambda model: False))
-        tokenizer = training.load_tokenizer(spec.model)
+            stack.enter_context(_patched(model, "use_packed_attention",
+                                         lambda f: lambda m: False))
+        tokenizer = load_tokenizer(spec.model)
         digest = hashlib.sha256(train_file.read_bytes()).hexdigest()
         data = prepare(spec, tokenizer, train_file, digest)
         clock = StepClock()
 
-        class Clock(training.Hooks):
-            def on_start(self, info: dict[str, Any]) -> None:
+        class Clock(Hooks):
+            def on_start(self, info: StartInfo) -> None:
                 clock.start = time.perf_counter()
 
             def should_stop(self) -> str | None:  # asked once per step
                 clock.tick()
                 return None
 
-        result = training.train_adapter(spec, tokenizer, data, out_dir / "checkpoints",
-                                        out_dir / "adapter", device=device, hooks=Clock())
+        result = trainer.train_adapter(spec, tokenizer, data, out_dir / "checkpoints",
+                                       out_dir / "adapter", device=device, hooks=Clock())
     count = counter["c"]
     assert result.adapter_dir is not None
     if count.batches:

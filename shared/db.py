@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import get_settings
@@ -62,3 +62,14 @@ def session_scope() -> Iterator[Session]:
 def execute_count(session: Session, statement: Executable) -> int:
     """Run an UPDATE or DELETE; the number of rows it matched (0 when a condition failed)."""
     return cast("CursorResult[Any]", session.execute(statement)).rowcount
+
+
+# Keys of PostgreSQL advisory locks (first half of the pair; the second is the project).
+QUEUE_LOCK, RUNNING_LOCK = 1, 2
+
+
+def lock_project(session: Session, project: str, purpose: int) -> None:
+    """Serialise one kind of per-project admission decision (``QUEUE_LOCK``, ``RUNNING_LOCK``)
+    until the transaction ends. PostgreSQL only: SQLite runs one writer at a time already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(purpose, func.hashtext(project))))

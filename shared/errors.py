@@ -1,4 +1,5 @@
-"""Domain errors. Raised below the API and mapped to HTTP responses in one place (api/errors.py)."""
+"""Domain errors. Raised below the API and mapped to HTTP responses in one place
+(``shared/http_errors.py``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The Celery application, configured once for both the API (which only sends) and workers.
 
 The broker carries wake-up calls, not truth: a message says "job X may be ready", and the worker
-that receives it must still claim the job in the database (see ``shared.lease``).
+that receives it must still claim the job in the database (see ``shared.lifecycle``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Training records: the accepted JSONL shapes and their normalised form.
+"""Training records: the accepted JSONL shapes, their normalised form, and the one check of a
+record and of a JSONL file.
 
 Accepted shapes (detected per record, columns remappable per job with ``column_map``):
 
@@ -6,12 +7,33 @@ Accepted shapes (detected per record, columns remappable per job with ``column_m
 * ``dolly`` — ``instruction``, optional ``context``, ``response``
 * ``completion`` — ``prompt``, ``completion``
 * ``chat`` — ``messages``: a list of ``{"role", "content"}`` ending with an assistant turn
+
+An upload, a job's file check and preprocessing all read files with :func:`iter_examples` (or
+:func:`validate_file`) and check records with :func:`validate_record`; they differ only in what
+they know:
+
+* an upload knows no job yet. Each line must be a JSON object; when the file's first record has
+  a known shape, every record must have that shape's columns, with text where text belongs.
+  Other files are ``custom``: each job's column map and format decide.
+* a job's check and preprocessing know the job's ``column_map`` and ``prompt_format``: every
+  record must become an example that format can render.
+
+Errors name the line: ``line N: ...`` for an upload (its one ``file``), ``training_file line N:
+...`` or ``validation_file line N: ...`` for a job, which names two files.
 """
 
 from __future__ import annotations
 
+import json
+import string
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.errors import InvalidDataset, PayloadTooLarge
 
 SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # shape: (required columns, optional columns)
@@ -23,10 +45,17 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 CHAT_ROLES = ("system", "user", "assistant")
 
 DEFAULT_INSTRUCTION = "Summarize the below conversation."
+CUSTOM = "custom"  # the shape of a record with none of the known column sets
+UPLOAD_PARAM = "file"  # the upload form's field
+MAX_COLUMNS = 200  # column names kept in a file's summary
 
 
 class RecordError(ValueError):
     """A record that does not fit; the message says which column and why."""
+
+
+class MissingColumn(RecordError):
+    """A record without a column its shape or template needs."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +67,7 @@ class Example:
     output: str
     messages: list[dict[str, str]] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
-    shape: str = "custom"
+    shape: str = CUSTOM
 
 
 def detect_shape(record: dict[str, Any]) -> str | None:
@@ -60,15 +89,17 @@ def apply_column_map(record: dict[str, Any], column_map: dict[str, str] | None) 
     return out
 
 
-def _text(record: dict[str, Any], col: str, *, required: bool = True) -> str | None:
+def _text(
+    record: dict[str, Any], col: str, *, required: bool = True, allow_blank: bool = False
+) -> str | None:
     value = record.get(col)
     if value is None:
         if required:
-            raise RecordError(f"missing column '{col}'")
+            raise MissingColumn(f"missing column '{col}'")
         return None
     if not isinstance(value, str):
         raise RecordError(f"column '{col}' must be a string, got {type(value).__name__}")
-    if required and not value.strip():
+    if required and not allow_blank and not value.strip():
         raise RecordError(f"column '{col}' is empty")
     return value
 
@@ -97,6 +128,7 @@ def to_example(
     shape: str | None = None,
     column_map: dict[str, str] | None = None,
     instruction: str | None = None,
+    allow_blank: bool = False,
 ) -> Example:
     """Normalise one record.
 
@@ -106,6 +138,8 @@ def to_example(
         column_map: our column name → the user's column name.
         instruction: the instruction for shapes that carry none (DialogSum: "Summarize the
             below conversation.").
+        allow_blank: accept required text that is empty or only spaces (an upload's check:
+            until a job names its column map and format, an empty column may go unused).
 
     Raises:
         RecordError: the record lacks a mapped column or has a wrong type.
@@ -122,32 +156,35 @@ def to_example(
         )
     if shape not in SHAPES:
         raise RecordError(f"unknown record shape '{shape}'")
+    text = partial(_text, rec, allow_blank=allow_blank)
     if shape == "dialogsum":
         return Example(
             instruction=instruction or DEFAULT_INSTRUCTION,
-            input=_text(rec, "dialogue"),
-            output=_text(rec, "summary") or "",
+            input=text("dialogue"),
+            output=text("summary") or "",
             fields=rec,
             shape=shape,
         )
     if shape == "dolly":
-        context = _text(rec, "context", required=False)
+        context = text("context", required=False)
         return Example(
-            instruction=_text(rec, "instruction"),
+            instruction=text("instruction"),
             input=context or None,
-            output=_text(rec, "response") or "",
+            output=text("response") or "",
             fields=rec,
             shape=shape,
         )
     if shape == "completion":
         return Example(
             instruction=instruction,
-            input=_text(rec, "prompt"),
-            output=_text(rec, "completion") or "",
+            input=text("prompt"),
+            output=text("completion") or "",
             fields=rec,
             shape=shape,
         )
-    messages = check_messages(rec.get("messages"))
+    if "messages" not in rec:  # a forced shape: detection only finds chat with the column
+        raise MissingColumn("missing column 'messages'")
+    messages = check_messages(rec["messages"])
     prompt_turns = [m["content"] for m in messages[:-1] if m["role"] == "user"]
     return Example(
         instruction=instruction,
@@ -157,3 +194,210 @@ def to_example(
         fields=rec,
         shape=shape,
     )
+
+
+# --------------------------------------------------------------------------- checking
+class RecordFormat(Protocol):
+    """What the check of a record reads of a prompt format: ``shared.templates.PromptFormat``,
+    named here by its shape because that module imports this one."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def instruction(self) -> str | None: ...
+    @property
+    def prompt_template(self) -> str | None: ...
+    @property
+    def response_template(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """What one pass over a valid JSONL file found."""
+
+    count: int  # records; blank lines are not records
+    shape: str  # the first record's shape, or "custom"
+    columns: list[str]  # column names seen (after the column map), sorted, at most MAX_COLUMNS
+
+
+def validate_record(
+    record: object,
+    *,
+    column_map: dict[str, str] | None = None,
+    prompt_format: RecordFormat | None = None,
+    shape: str | None = None,
+) -> Example:
+    """Check one parsed record and normalise it.
+
+    Args:
+        record: one line's JSON value.
+        column_map: our column name → the user's column name, applied first.
+        prompt_format: the job's format. Without one (an upload), only the columns of the
+            record's shape are checked: present, and text where text belongs; empty text passes,
+            as a job's column map may take its text from another column. A record of no known
+            shape passes as ``custom``. With a format, the record must become an example the
+            format renders: a ``custom`` template needs each of its fields among the columns,
+            the other formats a known shape with non-empty text.
+        shape: the shape the record must have; ``None`` detects it. ``"custom"`` (only without
+            a format) accepts any object.
+
+    Raises:
+        RecordError: naming the column and what is wrong; ``MissingColumn`` for an absent one.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    rec = apply_column_map(record, column_map)
+    if prompt_format is None:
+        shape = shape or detect_shape(rec) or CUSTOM
+        if shape == CUSTOM:
+            return Example(instruction=None, input=None, output="", fields=rec)
+        return to_example(rec, shape=shape, allow_blank=True)
+    if prompt_format.type == "custom":
+        needed = _template_fields(prompt_format.prompt_template or "",
+                                  prompt_format.response_template or "")
+        missing = [name for name in needed if name not in rec]
+        if missing:
+            raise MissingColumn(f"missing column '{missing[0]}' used by the template")
+        return Example(instruction=prompt_format.instruction, input=None, output="", fields=rec)
+    return to_example(rec, shape=shape, instruction=prompt_format.instruction)
+
+
+def iter_examples(
+    path: Path,
+    *,
+    column_map: dict[str, str] | None = None,
+    prompt_format: RecordFormat | None = None,
+    param: str = UPLOAD_PARAM,
+    max_lines: int | None = None,
+    max_record_chars: int | None = None,
+) -> Iterator[tuple[int, Example]]:
+    """Read a JSONL file one line at a time and yield ``(line number, example)`` for each record
+    (non-blank line), checked by :func:`validate_record`.
+
+    Without a prompt format the first record's shape binds the file: every later record must
+    have the same shape. With one, each record's shape is detected on its own.
+
+    Args:
+        param: the request field that named the file (``file`` for an upload,
+            ``training_file`` or ``validation_file`` for a job); errors name it.
+        max_lines: refuse a record past this line (an upload's limit).
+        max_record_chars: refuse a line longer than this many characters.
+
+    Raises:
+        InvalidDataset: naming the first bad line: not UTF-8, too long, not JSON, not an object,
+            a lone surrogate, or a record that :func:`validate_record` refuses.
+        PayloadTooLarge: a record past ``max_lines``.
+    """
+    where = _where(param)
+    file_shape: str | None = None
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if max_lines is not None and lineno > max_lines:
+                raise PayloadTooLarge(f"{where} {lineno}: more than {max_lines} lines",
+                                      param=param)
+            try:
+                value = _parse_line(raw, max_record_chars)
+            except RecordError as e:
+                raise InvalidDataset(f"{where} {lineno}: {e}", param=param) from e
+            try:
+                example = validate_record(value, column_map=column_map,
+                                          prompt_format=prompt_format, shape=file_shape)
+            except RecordError as e:
+                hint = _hint(e, file_shape, column_map)
+                raise InvalidDataset(f"{where} {lineno}: {e}{hint}", param=param) from e
+            if prompt_format is None and file_shape is None:
+                file_shape = example.shape
+            yield lineno, example
+
+
+def validate_file(
+    path: Path,
+    *,
+    column_map: dict[str, str] | None = None,
+    prompt_format: RecordFormat | None = None,
+    param: str = UPLOAD_PARAM,
+    max_lines: int | None = None,
+    max_record_chars: int | None = None,
+) -> FileSummary:
+    """Check every record of a JSONL file in one pass, holding one line at a time (and the
+    column names). The arguments are those of :func:`iter_examples`.
+
+    Raises:
+        InvalidDataset: naming the first bad line, or line 1 of a file with no records.
+        PayloadTooLarge: a record past ``max_lines``.
+    """
+    count, shape, columns = 0, CUSTOM, set[str]()
+    for _lineno, example in iter_examples(
+        path, column_map=column_map, prompt_format=prompt_format, param=param,
+        max_lines=max_lines, max_record_chars=max_record_chars,
+    ):
+        if count == 0:
+            shape = example.shape
+        columns.update(example.fields)
+        count += 1
+    if count == 0:
+        raise InvalidDataset(f"{_where(param)} 1: the file is empty (no JSONL records)",
+                             param=param)
+    return FileSummary(count=count, shape=shape, columns=sorted(columns)[:MAX_COLUMNS])
+
+
+def _where(param: str) -> str:
+    # An upload has one file, so "line 3" is enough; a job names two.
+    return "line" if param == UPLOAD_PARAM else f"{param} line"
+
+
+def _parse_line(raw: bytes, max_record_chars: int | None) -> object:
+    """One line's JSON value; ``RecordError`` saying why there is none."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"not valid UTF-8 ({e.reason})") from e
+    if max_record_chars is not None and len(text) > max_record_chars:
+        raise RecordError(f"record is {len(text)} characters, the limit is {max_record_chars}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"invalid JSON ({e.msg})") from e
+    except RecursionError as e:
+        raise RecordError("invalid JSON (nested too deeply)") from e
+    except ValueError as e:  # int() refuses a literal longer than the interpreter's limit
+        raise RecordError(
+            f"invalid JSON (a number has more than {sys.get_int_max_str_digits()} digits)"
+        ) from e
+    if isinstance(value, dict) and "\\u" in text:
+        _check_encodable(value)
+    return value
+
+
+def _check_encodable(value: object) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer, database or
+    UTF-8 response can take."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(
+            "a \\u escape makes a lone UTF-16 surrogate, which is not text (escape characters "
+            "outside the BMP as a surrogate pair)"
+        ) from e
+    except RecursionError as e:  # parsed a few frames up the stack, not encodable down here
+        raise RecordError("invalid JSON (nested too deeply)") from e
+
+
+def _hint(error: RecordError, file_shape: str | None, column_map: dict[str, str] | None) -> str:
+    if column_map:
+        return f" (column_map: {column_map})"
+    if isinstance(error, MissingColumn) and file_shape in SHAPES:
+        required = SHAPES[file_shape][0]
+        return f" (the file's first record is {file_shape}-shaped: {', '.join(required)})"
+    return ""
+
+
+@lru_cache(maxsize=64)
+def _template_fields(prompt_template: str, response_template: str) -> tuple[str, ...]:
+    """The fields of a custom format's templates, once per format rather than per record.
+    ``PromptFormat`` has already refused any but plain names (``templates.template_fields``)."""
+    parse = string.Formatter().parse
+    return tuple(name for template in (prompt_template, response_template)
+                 for _literal, name, _spec, _conversion in parse(template) if name is not None)

@@ -6,10 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.lifecycle import JobStatus
 from shared.templates import PromptFormat
 
-JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier multiplies
 
 

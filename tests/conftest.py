@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model: Path) -> Any:
     """The tiny model's tokenizer, loaded as the worker loads it."""
-    from worker.training import load_tokenizer
+    from worker.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 
@@ -80,9 +80,9 @@ def settings_env(
 ) -> Iterator[Callable[..., Any]]:
     """Point this process's ``get_settings()`` at a fresh storage folder, with overrides:
     ``settings = settings_env(max_upload_bytes=10)``. Caches are cleared before and after."""
-    from api.status_cache import key_checks, status_cache
+    from api.auth import key_cache, key_checks
+    from api.status_cache import status_cache
     from shared import db, queue
-    from shared.keys import key_cache
     from shared.settings import get_settings
 
     caches = (get_settings, db.get_engine, db.get_sessionmaker, queue.get_celery)

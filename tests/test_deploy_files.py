@@ -2,7 +2,7 @@
 agree with the code: settings names, storage paths, URLs, CLI subcommands, ports.
 
 No Docker engine is needed: the files are read and cross-checked against ``shared.settings``,
-``pyproject.toml`` and ``shared.cli``. ``docker compose config`` runs only where the client
+``pyproject.toml`` and ``cli.main``. ``docker compose config`` runs only where the client
 and its compose plugin are installed.
 """
 
@@ -588,5 +588,5 @@ def test_dockerignore_excludes_local_state() -> None:
         assert required in entries, f".dockerignore does not exclude {required}"
     assert any("__pycache__" in e for e in entries)
     # The build copies these: they must not be ignored.
-    for kept in ("pyproject.toml", "shared", "api", "worker", "migrations"):
+    for kept in ("pyproject.toml", "shared", "api", "worker", "cli", "migrations"):
         assert kept not in entries, f".dockerignore excludes {kept}, which the images need"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic.fields import FieldInfo
 
-from shared.cli import build_parser
+from cli.main import build_parser
 from shared.records import SHAPES
 from shared.schemas import JobCreate, LoraSpec
 from shared.settings import Settings

@@ -24,9 +24,9 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from shared import lease
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
+from worker.sweeper import sweep
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -121,7 +121,7 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         while not self.halt.wait(self.interval):
             try:
-                moved = lease.sweep()
+                moved = sweep()
                 if moved:
                     log.info("sweeper re-sent %s", ", ".join(moved))
             except Exception:  # database or broker briefly away: try again next round

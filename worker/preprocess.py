@@ -21,8 +21,7 @@ from datasets import Dataset, load_from_disk
 
 from shared import storage
 from shared.errors import InvalidDataset
-from shared.files import iter_records
-from shared.records import RecordError, to_example
+from shared.records import iter_examples
 from shared.schemas import TrainingSpec
 from shared.templates import Rendered, render
 
@@ -55,7 +54,8 @@ def chat_renderer(tokenizer: Any):  # type: ignore[no-untyped-def]
 
 
 def render_file(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> list[Rendered]:
-    """Render every record of a stored JSONL file with the job's prompt format.
+    """Render every record of a stored JSONL file with the job's prompt format; records are
+    checked as a job's files are (``records.iter_examples``).
 
     Raises:
         InvalidDataset: naming the line of a record that does not fit.
@@ -63,21 +63,13 @@ def render_file(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> l
     fmt = spec.prompt_format
     renderer = chat_renderer(tokenizer) if fmt.type == "chat" else None
     out = []
-    for lineno, record in iter_records(path):
-        try:
-            example = to_example(record, column_map=spec.column_map, instruction=fmt.instruction) \
-                if fmt.type != "custom" else _custom_example(record, spec)
+    for lineno, example in iter_examples(path, column_map=spec.column_map, prompt_format=fmt,
+                                         param=param):
+        try:  # RecursionError: a custom template may print a column nested near the limit
             out.append(render(fmt, example, renderer))
-        except (RecordError, ValueError) as e:
+        except (ValueError, RecursionError) as e:
             raise InvalidDataset(f"{param} line {lineno}: {e}", param=param) from e
     return out
-
-
-def _custom_example(record: dict[str, Any], spec: TrainingSpec):  # type: ignore[no-untyped-def]
-    from shared.records import Example, apply_column_map
-
-    rec = apply_column_map(record, spec.column_map)
-    return Example(instruction=spec.prompt_format.instruction, input=None, output="", fields=rec)
 
 
 def tokenize(

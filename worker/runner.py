@@ -9,22 +9,33 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import OperationalError
 
-from shared import lease, storage
+from shared import lifecycle, storage
 from shared.db import session_scope
 from shared.errors import InvalidDataset
 from shared.files import get_file, open_content
-from shared.jobs import fine_tuned_model_name
-from shared.lease import Claim, LeaseLost
+from shared.ids import fine_tuned_model_name
+from shared.lifecycle import Claim, JobStatus, LeaseLost
 from shared.schemas import TrainingSpec
 from shared.settings import get_settings
 from worker import checkpoints
+from worker.loading import ModelLoadError, load_tokenizer
 from worker.preprocess import prepare
-from worker.training import Hooks, ModelLoadError, StopTraining, load_tokenizer, train_adapter
+from worker.training import (
+    CheckpointInfo,
+    Hooks,
+    Progress,
+    StartInfo,
+    StopTraining,
+    TrainMetrics,
+    ValidationMetrics,
+    train_adapter,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +71,7 @@ class Heartbeat(threading.Thread):
         while not self._stop.wait(self.interval):
             sent = time.monotonic()
             try:
-                beat = lease.heartbeat(self.claim.job_id, self.claim.attempt)
+                beat = lifecycle.heartbeat(self.claim.job_id, self.claim.attempt)
             except Exception:  # a short database outage: keep training, try again
                 log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
                 continue
@@ -94,9 +105,9 @@ class JobHooks(Hooks):
         database outage they are skipped rather than stopping training."""
         try:
             if best_effort:
-                lease.fenced_update(self.claim.job_id, self.claim.attempt, **values)
+                lifecycle.progress(self.claim.job_id, self.claim.attempt, **values)
             else:
-                with_db_retry(lease.fenced_update, self.claim.job_id, self.claim.attempt,
+                with_db_retry(lifecycle.progress, self.claim.job_id, self.claim.attempt,
                               **values)
         except LeaseLost:
             self.beat.lost.set()
@@ -106,47 +117,50 @@ class JobHooks(Hooks):
                 raise
             log.warning("database unavailable; progress of %s not recorded", self.claim.job_id)
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        start = info["start_step"]
+    def on_start(self, info: StartInfo) -> None:
         self.write(
-            trainable_parameters=info["trainable_parameters"],
-            total_parameters=info["total_parameters"],
-            dataset_stats={"examples": info["examples"],
-                           "dropped_too_long": info["dropped_too_long"],
-                           "validation_examples": info["validation_examples"]},
-            progress={"step": start, "total_steps": info["total_steps"]},
-            event=(f"Training started: {info['examples']} examples "
-                   f"({info['dropped_too_long']} dropped as too long), "
-                   f"{info['trainable_parameters']:,} trainable of "
-                   f"{info['total_parameters']:,} parameters, {info['total_steps']} steps"),
-            event_data=info,
+            trainable_parameters=info.trainable_parameters,
+            total_parameters=info.total_parameters,
+            dataset_stats={"examples": info.examples,
+                           "dropped_too_long": info.dropped_too_long,
+                           "validation_examples": info.validation_examples},
+            progress={"step": info.start_step, "total_steps": info.total_steps},
+            event=(f"Training started: {info.examples} examples "
+                   f"({info.dropped_too_long} dropped as too long), "
+                   f"{info.trainable_parameters:,} trainable of "
+                   f"{info.total_parameters:,} parameters, {info.total_steps} steps"),
+            event_data=asdict(info),
         )
 
-    def on_progress(self, progress: dict[str, Any]) -> None:
-        self.step = progress["step"]
-        eta = progress.get("eta_seconds")
+    def on_progress(self, progress: Progress) -> None:
+        self.step = progress.step
+        eta = progress.eta_seconds
         self.write(
             best_effort=True,
-            progress={k: v for k, v in progress.items() if k != "trained_tokens"},
-            trained_tokens=progress.get("trained_tokens"),
+            # The token count has a column of its own.
+            progress={k: v for k, v in asdict(progress).items() if k != "trained_tokens"},
+            trained_tokens=progress.trained_tokens,
             estimated_finish=int(time.time() + eta) if eta is not None else None,
         )
 
-    def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        self.write(best_effort=True, event=f"Step {step}: {shown}", event_type="metrics",
-                    event_data={"step": step, **metrics})
+    def on_metrics(self, metrics: TrainMetrics | ValidationMetrics) -> None:
+        data = asdict(metrics)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in data.items()
+                          if k != "step" and isinstance(v, float))
+        self.write(best_effort=True, event=f"Step {metrics.step}: {shown}",
+                   event_type="metrics", event_data=data)
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+    def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         try:
-            with_db_retry(lease.record_checkpoint, self.claim.job_id, self.claim.attempt, step,
-                          storage.relative(path), metrics)
+            with_db_retry(lifecycle.record_checkpoint, self.claim.job_id, self.claim.attempt,
+                          checkpoint.step, storage.relative(checkpoint.path),
+                          checkpoint.metrics())
         except LeaseLost:
             self.beat.lost.set()
             raise StopTraining("lease lost") from None
         deleted = checkpoints.apply_retention(self.ckpt_root, get_settings().keep_checkpoints,
-                                              protect=path)
-        lease.mark_checkpoints_deleted(self.claim.job_id, deleted)
+                                              protect=checkpoint.path)
+        lifecycle.mark_checkpoints_deleted(self.claim.job_id, deleted)
 
     def should_stop(self) -> str | None:
         if self.beat.lost.is_set():
@@ -182,9 +196,9 @@ def _give_up_lease(claim: Claim, step: int) -> None:
     """After this worker stopped for a lost or expired lease: if the job is somehow still ours
     (the lease expired here first), hand it back now rather than after the sweeper's wait."""
     try:
-        lease.release(claim.job_id, claim.attempt, count_failure=True, step=step or None,
-                      reason=f"Attempt {claim.attempt} could not renew its lease")
-        lease.end_attempt(claim.job_id, claim.attempt, "fenced")
+        lifecycle.release(claim.job_id, claim.attempt, count_failure=True, step=step or None,
+                          reason=f"Attempt {claim.attempt} could not renew its lease")
+        lifecycle.end_attempt(claim.job_id, claim.attempt, "fenced")
     except Exception:  # noqa: BLE001 - the database is away: the sweeper re-queues the job
         log.warning("could not give %s back", claim.job_id, exc_info=True)
 
@@ -212,7 +226,7 @@ def run_job(job_id: str, worker: str | None = None) -> str:
     ``max_attempts``). Only the loss of the lease ends an attempt silently.
     """
     worker = worker or worker_name()
-    claim = lease.claim(job_id, worker)
+    claim = lifecycle.claim(job_id, worker)
     if claim is None:
         log.info("job %s: not claimable (taken, finished, or not yet due)", job_id)
         return "skipped"
@@ -227,13 +241,13 @@ def run_job(job_id: str, worker: str | None = None) -> str:
         _give_up_lease(claim, hooks.step)
         return "lost"
     except (InvalidDataset, ModelLoadError) as e:
-        with_db_retry(lease.finish, job_id, claim.attempt, "failed", level="error",
-                     message=f"Job failed: {e.message}",
-                     error={"code": e.code, "message": e.message, "param": e.param})
+        with_db_retry(lifecycle.finish, job_id, claim.attempt, JobStatus.FAILED, level="error",
+                      message=f"Job failed: {e.message}",
+                      error={"code": e.code, "message": e.message, "param": e.param})
         return "failed"
     except Exception as e:  # noqa: BLE001 - anything else may be transient (OOM, I/O, a bug)
         log.exception("job %s attempt %d crashed", job_id, claim.attempt)
-        with_db_retry(lease.release, job_id, claim.attempt, count_failure=True,
+        with_db_retry(lifecycle.release, job_id, claim.attempt, count_failure=True,
                       reason=f"Attempt {claim.attempt} failed: {type(e).__name__}: {e}",
                       step=hooks.step or None)
         return "retry"
@@ -254,7 +268,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         hooks.write(event="Removed incomplete checkpoint folders left by an interrupted save: "
                           + ", ".join(names), event_data={"removed": names})
         steps = [n for p in leftovers if (n := checkpoints.step_of(p)) is not None]
-        lease.mark_checkpoints_deleted(claim.job_id, steps)
+        lifecycle.mark_checkpoints_deleted(claim.job_id, steps)
     resume = _resume_point(claim)
     if resume is not None:
         step = checkpoints.step_of(resume)
@@ -281,17 +295,17 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         adapter_meta={"job_id": claim.job_id, "fine_tuned_model": name},
     )
     if result.stopped == "cancel":
-        with_db_retry(lease.finish, claim.job_id, claim.attempt, "cancelled",
-                     message=f"Job cancelled at step {result.step}")
+        with_db_retry(lifecycle.finish, claim.job_id, claim.attempt, JobStatus.CANCELLED,
+                      message=f"Job cancelled at step {result.step}")
         return "cancelled"
     if result.stopped == "preempt":
-        with_db_retry(lease.release, claim.job_id, claim.attempt, count_failure=False,
+        with_db_retry(lifecycle.preempt, claim.job_id, claim.attempt,
                       reason="Worker shutting down (preempted); checkpoint saved",
                       step=result.step)
         return "preempted"
     assert result.adapter_dir is not None
     done = with_db_retry(
-        lease.finish, claim.job_id, claim.attempt, "succeeded",
+        lifecycle.finish, claim.job_id, claim.attempt, JobStatus.SUCCEEDED,
         message=f"Fine-tuning job succeeded: {name}, adapter at {result.adapter_dir}",
         fine_tuned_model=name, adapter_dir=storage.relative(result.adapter_dir),
         trained_tokens=result.trained_tokens, estimated_finish=None,
@@ -299,7 +313,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     if not done:
         raise LeaseLost("lost the lease at the end of training")
     deleted = checkpoints.apply_retention(ckpt_root, settings.keep_checkpoints)
-    lease.mark_checkpoints_deleted(claim.job_id, deleted)
+    lifecycle.mark_checkpoints_deleted(claim.job_id, deleted)
     return "succeeded"
 
 

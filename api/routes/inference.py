@@ -11,16 +11,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
+from api import served_models
 from api.deps import ProjectDep, SessionDep
 from api.engine import engine_client
-from shared import inference
-from shared.inference import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelPublic,
-    ModelsPublic,
-    SamplingRequest,
-)
+from api.served_models import ModelPublic, ModelsPublic
+from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -35,17 +30,17 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get("/models", response_model=ModelsPublic)
 def list_models(session: SessionDep, project: ProjectDep) -> ModelsPublic:
     """Base models in use and every fine-tuned model of the project's succeeded jobs."""
-    return inference.list_models(session, project)
+    return served_models.list_models(session, project)
 
 
 @router.get("/models/{model:path}", response_model=ModelPublic)
 def retrieve_model(model: str, session: SessionDep, project: ProjectDep) -> ModelPublic:
     """One model of :func:`list_models`."""
-    return inference.get_model(session, project, model)
+    return served_models.get_model(session, project, model)
 
 
-def _resolve(session: Session, project: str, model: str) -> inference.Target:
-    target = inference.resolve_model(session, project, model)
+def _resolve(session: Session, project: str, model: str) -> Target:
+    target = served_models.resolve_model(session, project, model)
     # Give the connection back to the pool now: a request may wait for the engine for long,
     # and sessions held that long would starve every other route of connections.
     session.commit()

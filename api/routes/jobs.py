@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Response
 
+from api import jobs
 from api.deps import AuthorizationDep, ProjectDep, SessionDep
+from api.presenters import checkpoint_public, event_public, job_public
 from api.status_cache import job_status, status_cache
-from shared import jobs
 from shared.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+from shared.validation import validate_and_send
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
 @router.post("", response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
-    """Create a fine-tuning job; it is validated, stored and queued."""
-    return jobs.job_public(jobs.submit_job(session, body, project))
+def create_job(body: JobCreate, session: SessionDep, project: ProjectDep,
+               background: BackgroundTasks) -> JobPublic:
+    """Create a fine-tuning job: stored as ``validating_files``, queued once its files pass."""
+    job = jobs.create_job(session, body, project)
+    session.commit()  # first: the check after the response reads the committed job
+    background.add_task(validate_and_send, job.id)
+    return job_public(job)
 
 
 @router.get("", response_model=JobsPublic)
@@ -26,7 +32,7 @@ def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None
               limit: Limit = 20) -> JobsPublic:
     """List jobs, newest first; page with ``after=<last id>``."""
     rows, more = jobs.list_jobs(session, project, after, limit)
-    return JobsPublic(data=[jobs.job_public(j) for j in rows], has_more=more)
+    return JobsPublic(data=[job_public(j) for j in rows], has_more=more)
 
 
 # What clients poll: async and served from api.status_cache (the JSON of a JobPublic).
@@ -42,7 +48,7 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPubl
     job = jobs.cancel_job(session, job_id, project)
     session.commit()  # first: the job's next status read must see the cancel
     status_cache.forget(job_id)
-    return jobs.job_public(job)
+    return job_public(job)
 
 
 @router.get("/{job_id}/events", response_model=EventsPublic)
@@ -50,7 +56,7 @@ def list_events(job_id: str, session: SessionDep, project: ProjectDep,
                 after: str | None = None, limit: Limit = 20) -> EventsPublic:
     """A job's events, newest first."""
     rows, more = jobs.list_events(session, job_id, project, after, limit)
-    return EventsPublic(data=[jobs.event_public(e) for e in rows], has_more=more)
+    return EventsPublic(data=[event_public(e) for e in rows], has_more=more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
@@ -59,7 +65,7 @@ def list_checkpoints(job_id: str, session: SessionDep, project: ProjectDep,
     """A job's complete checkpoints, newest first."""
     job = jobs.get_job(session, job_id, project)
     rows, more = jobs.list_checkpoints(session, job_id, project, after, limit)
-    data = [jobs.checkpoint_public(c, job) for c in rows]
+    data = [checkpoint_public(c, job) for c in rows]
     return CheckpointsPublic(data=data, has_more=more,
                              first_id=data[0].id if data else None,
                              last_id=data[-1].id if data else None)

@@ -1,4 +1,5 @@
-"""Bundled sample data: an original, synthetic DialogSum-style set (see ``generate_sample.py``).
+"""Bundled sample data: an original, synthetic DialogSum-style set, written by
+``scripts/generate_sample.py``.
 
 The real DialogSum corpus is CC BY-NC-SA, so it never ships with the project; where an operator
 has a local copy, :func:`dialogsum_path` prefers it.

@@ -140,7 +140,7 @@ def test_non_object_line(http: httpx.Client) -> None:
     assert error["message"].startswith("line 2: expected a JSON object")
 
 
-def test_column_map_naming_a_missing_column_fails_at_job_creation(
+def test_column_map_naming_a_missing_column_fails_the_job_naming_the_line(
     client: openai.OpenAI, http: httpx.Client, tiny_model: Path
 ) -> None:
     records = [{"conversation": r["dialogue"], "gist": r["summary"]}
@@ -151,10 +151,14 @@ def test_column_map_naming_a_missing_column_fails_at_job_creation(
     r = http.post("/v1/fine_tuning/jobs", json={
         "model": str(tiny_model), "training_file": file.id,
         "column_map": {"dialogue": "conversation", "summary": "gist"}})
-    error = error_of(r, 400)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "validating_files"
+    job = wait_for_status(client, r.json()["id"], {"failed"})
 
-    assert error["message"].startswith("training_file line 3: ")
-    assert error["param"] == "training_file"
+    assert job.error is not None
+    assert job.error.message.startswith("training_file line 3: ")
+    assert job.error.param == "training_file"
+    assert job.trained_tokens is None  # it never reached a worker
 
 
 def test_upload_over_the_size_limit(http: httpx.Client) -> None:

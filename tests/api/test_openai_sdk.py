@@ -73,7 +73,7 @@ def test_files_create_retrieve_list_content_delete(client: openai.OpenAI) -> Non
 
 
 # --------------------------------------------------------------------------- jobs
-def test_create_returns_a_queued_job_with_the_extensions(
+def test_create_returns_a_validating_job_with_the_extensions(
     trained_job: Any, training_file: FileObject, tiny_model: Path
 ) -> None:
     created, _ = trained_job
@@ -81,7 +81,7 @@ def test_create_returns_a_queued_job_with_the_extensions(
     assert isinstance(created, FineTuningJob)
     assert created.id.startswith("ftjob-")
     assert created.object == "fine_tuning.job"
-    assert created.status == "queued"
+    assert created.status == "validating_files"  # like OpenAI's: files are checked after
     assert created.model == str(tiny_model.resolve())
     assert created.training_file == training_file.id
     assert (created.seed, created.user_provided_suffix) == (7, "sdk")
@@ -141,7 +141,8 @@ def test_list_events(client: openai.OpenAI, trained_job: Any) -> None:
     assert len(page.data) == 2 and page.has_more is True
     assert all(isinstance(e, FineTuningJobEvent) for e in events)
     assert events[0].message.startswith("Fine-tuning job succeeded")  # newest first
-    assert events[-1].message == f"Validated training file {created.training_file}"
+    assert events[-1].message == f"Validating training file: {created.training_file}"
+    assert "Files validated, moving job to queued state" in [e.message for e in events]
     metrics = [e for e in events if e.type == "metrics" and "train_loss" in (e.data or {})]
     assert metrics and all(e.level == "info" for e in metrics)
     assert [e.id for e in events[:2]] == [e.id for e in page.data]

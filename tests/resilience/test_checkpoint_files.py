@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.lease import Claim
+from shared.lifecycle import Claim
 from worker import checkpoints
 from worker.checkpoints import COMPLETE_MARKER, REQUIRED_FILES
 

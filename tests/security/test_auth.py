@@ -53,8 +53,8 @@ def api(settings_env: Callable[..., Any]) -> Iterator[TestClient]:
 @pytest.fixture
 def keys(api: TestClient) -> dict[str, str]:
     """A live key and a revoked key of project ``p``."""
+    from api.auth import create_key, revoke_key
     from shared.db import session_scope
-    from shared.keys import create_key, revoke_key
 
     with session_scope() as s:
         _, live = create_key(s, "p")

@@ -60,8 +60,8 @@ class Api:
             "model": HUB_MODEL, "training_file": training_file, "max_steps": 2, **fields})
 
     def new_key(self, project: str) -> str:
+        from api.auth import create_key
         from shared.db import session_scope
-        from shared.keys import create_key
 
         with session_scope() as s:
             return create_key(s, project)[1]
@@ -204,9 +204,10 @@ def test_max_running_jobs_per_project_is_enforced_at_claim(
         backend: dict[str, str], api_with: Callable[..., Api]) -> None:
     from sqlalchemy import select
 
-    from shared import lease
+    from shared import lifecycle
     from shared.db import session_scope
     from shared.models import Job
+    from worker.sweeper import sweep
 
     api = api_with(max_running_jobs_per_project=1, requeue_after_seconds=0.001, **backend)
     file_id = api.upload(line(RECORD)).json()["id"]
@@ -215,15 +216,15 @@ def test_max_running_jobs_per_project_is_enforced_at_claim(
     other_file = api.upload(line(RECORD), {"Authorization": f"Bearer {other_key}"}).json()["id"]
     q1 = api.create(other_file, key=other_key).json()["id"]
 
-    first = lease.claim(j1, "w1")
-    declined = lease.claim(j2, "w2")
-    other_project = lease.claim(q1, "w2")
+    first = lifecycle.claim(j1, "w1")
+    declined = lifecycle.claim(j2, "w2")
+    other_project = lifecycle.claim(q1, "w2")
     with session_scope() as s:
         j2_status = s.scalar(select(Job.status).where(Job.id == j2))
-    resent = lease.sweep()
+    resent = sweep()
     assert first is not None
-    lease.finish(j1, first.attempt, "succeeded", message="done")
-    after_finish = lease.claim(j2, "w2")
+    lifecycle.finish(j1, first.attempt, lifecycle.JobStatus.SUCCEEDED, message="done")
+    after_finish = lifecycle.claim(j2, "w2")
 
     assert declined is None and j2_status == "queued"
     assert other_project is not None

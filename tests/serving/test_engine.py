@@ -337,7 +337,7 @@ def test_chat_uses_the_chat_template_for_base_models(make_engine: Any, tiny_mode
 
 
 def test_engine_keeps_serving_after_a_failed_request(make_engine: Any, tiny_model: Path) -> None:
-    from worker.training import ModelLoadError
+    from worker.loading import ModelLoadError
 
     engine = make_engine()
     with pytest.raises(ModelLoadError):

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
+from api.served_models import list_models, resolve_model
 from shared import storage
 from shared.errors import ModelNotReady, NotFound
-from shared.ids import new_id, now
-from shared.inference import list_models, resolve_model
-from shared.jobs import fine_tuned_model_name
+from shared.ids import fine_tuned_model_name, new_id, now
 from shared.models import Job
 from shared.schemas import LoraSpec, TrainingSpec
 from shared.templates import PromptFormat
@@ -119,8 +118,8 @@ def test_routes_without_an_engine(db: Any) -> None:
     engine is down, and unknown or unready models are refused before the engine is asked."""
     from fastapi.testclient import TestClient
 
+    from api.auth import create_key
     from api.main import create_app
-    from shared.keys import create_key
 
     with db() as s:
         job = add_job(s, "succeeded")

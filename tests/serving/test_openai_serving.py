@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
-from shared.jobs import fine_tuned_model_name
+from shared.ids import fine_tuned_model_name
 from shared.templates import PromptFormat, render_prompt
 from tests.serving.conftest import ServingStack
 from tests.support import create_job, dialogsum_records, jsonl_bytes, upload_bytes, wait_for_status
@@ -124,17 +126,54 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(serving: ServingStac
         time.sleep(0.1)
 
 
+def wait_until(condition: Callable[[], bool], failure: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
+def upstream_ports(api: psutil.Process, engine_port: int) -> set[int]:
+    """The API's open connections to the engine, by their local port."""
+    return {c.laddr.port for c in api.net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == engine_port and c.status == psutil.CONN_ESTABLISHED}
+
+
 def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingStack,
                                                               summarizer: Any) -> None:
-    before = serving.engine_stats()["rows_cancelled"]
+    # The engine is paused (SIGSTOP) while it generates the answer, so the client's timeout
+    # expires before the generation can end, however fast the machine. It resumes once the
+    # API has hung up on it, and must then stop the row at its next token.
+    engine = psutil.Process(serving.engine.pid)
+    assert serving.stack.api is not None
+    api = psutil.Process(serving.stack.api.pid)
+    engine_port = int(serving.engine_url.rsplit(":", 1)[1])
+    wait_until(lambda: not serving.engine_stats()["busy"], "the engine stayed busy")
+    before = serving.engine_stats()
     http = serving.stack.http(timeout=1.0)
-    with pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/completions", json={"model": summarizer.model, "prompt": "Hello",
-                                           "max_tokens": 1000, "temperature": 0})
-    deadline = time.monotonic() + 60
-    while serving.engine_stats()["rows_cancelled"] == before:
-        assert time.monotonic() < deadline, "the engine kept generating for a gone client"
-        time.sleep(0.1)
+    body = {"model": summarizer.model, "prompt": "Hello", "max_tokens": MAX_TOKENS_LIMIT,
+            "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(http.post, "/v1/completions", json=body)
+
+        def generating() -> bool:
+            stats = serving.engine_stats()
+            assert stats["batches"] == before["batches"] and not asked.done(), (
+                "the request ended before its generation was seen")
+            return bool(stats["busy"])
+
+        wait_until(generating, "the generation did not start")
+        engine.suspend()
+        try:
+            upstream = upstream_ports(api, engine_port)
+            with pytest.raises(httpx.ReadTimeout):
+                asked.result()
+            wait_until(lambda: not upstream <= upstream_ports(api, engine_port),
+                       "the API kept waiting for a gone client")
+        finally:
+            engine.resume()
+    wait_until(lambda: serving.engine_stats()["rows_cancelled"] > before["rows_cancelled"],
+               "the engine kept generating for a gone client")
 
 
 def test_base_model_is_served(client: Any, summarizer: Any) -> None:

@@ -1,16 +1,26 @@
-"""Record shapes, column maps and the errors that name what is wrong."""
+"""Record shapes, column maps, the one check of records and files, and the errors that name
+what is wrong."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from shared.errors import InvalidDataset, PayloadTooLarge
 from shared.records import (
     DEFAULT_INSTRUCTION,
+    FileSummary,
+    MissingColumn,
     RecordError,
     apply_column_map,
     detect_shape,
     to_example,
+    validate_file,
+    validate_record,
 )
+from shared.templates import PromptFormat
 
 
 @pytest.mark.parametrize(("record", "shape"), [
@@ -126,3 +136,87 @@ def test_a_record_must_be_an_object(record: object) -> None:
 def test_unknown_forced_shape() -> None:
     with pytest.raises(RecordError, match="unknown record shape 'poem'"):
         to_example({"a": "b"}, shape="poem")
+
+
+# --------------------------------------------------------------------------- the one check
+def write(tmp_path: Path, *records: object) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+CUSTOM = PromptFormat(type="custom", prompt_template="{dialogue}\n", response_template="{gist}")
+
+
+def test_an_upload_checks_the_shape_but_leaves_empty_text_to_the_job() -> None:
+    example = validate_record({"dialogue": " ", "summary": ""})
+
+    assert (example.shape, example.input, example.output) == ("dialogsum", " ", "")
+    with pytest.raises(RecordError, match="column 'dialogue' is empty"):
+        validate_record({"dialogue": " ", "summary": ""}, prompt_format=PromptFormat())
+
+
+def test_an_upload_takes_any_object_of_no_known_shape() -> None:
+    example = validate_record({"conversation": ["not", "text"]})
+
+    assert (example.shape, example.fields) == ("custom", {"conversation": ["not", "text"]})
+
+
+def test_a_custom_template_needs_its_fields_after_the_column_map() -> None:
+    record = {"conversation": "D", "summary": "S"}
+
+    example = validate_record(record, column_map={"gist": "summary", "dialogue": "conversation"},
+                              prompt_format=CUSTOM)
+    with pytest.raises(MissingColumn, match="missing column 'dialogue' used by the template"):
+        validate_record(record, prompt_format=CUSTOM)
+
+    assert (example.fields["dialogue"], example.fields["gist"]) == ("D", "S")
+
+
+def test_the_files_first_record_sets_the_shape_of_an_upload(tmp_path: Path) -> None:
+    path = write(tmp_path, {"prompt": "p", "completion": "c"}, {"instruction": "i",
+                                                                "response": "r"})
+
+    with pytest.raises(InvalidDataset, match=r"^line 2: missing column 'prompt' \(the file's "
+                                             r"first record is completion-shaped"):
+        validate_file(path)
+    assert validate_file(path, prompt_format=PromptFormat()).shape == "completion"
+
+
+def test_a_jobs_file_errors_name_the_field_and_the_column_map(tmp_path: Path) -> None:
+    path = write(tmp_path, {"conversation": "D", "gist": "S"}, {"conversation": "D"})
+    column_map = {"dialogue": "conversation", "summary": "gist"}
+
+    with pytest.raises(InvalidDataset) as exc:
+        validate_file(path, column_map=column_map, prompt_format=PromptFormat(),
+                      param="validation_file")
+
+    assert exc.value.message.startswith("validation_file line 2: record has none of")
+    assert exc.value.message.endswith(f" (column_map: {column_map})")
+    assert exc.value.param == "validation_file"
+
+
+def test_a_file_summary(tmp_path: Path) -> None:
+    path = write(tmp_path, {"conversation": "D", "gist": "S"}, {"conversation": "E", "gist": "T"})
+
+    summary = validate_file(path, column_map={"dialogue": "conversation", "summary": "gist"},
+                            prompt_format=PromptFormat())
+
+    assert summary == FileSummary(count=2, shape="dialogsum",
+                                  columns=["conversation", "dialogue", "gist", "summary"])
+
+
+def test_an_empty_jobs_file_names_its_field(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"\n \n")
+
+    with pytest.raises(InvalidDataset, match=r"^training_file line 1: the file is empty"):
+        validate_file(path, prompt_format=PromptFormat(), param="training_file")
+
+
+def test_lines_past_the_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, *[{"prompt": "p", "completion": "c"}] * 3)
+
+    with pytest.raises(PayloadTooLarge, match=r"^line 3: more than 2 lines"):
+        validate_file(path, max_lines=2)
+    assert validate_file(path, max_lines=3).count == 3

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "shared.cli"]
+CLI = [sys.executable, "-m", "cli.main"]
 
 # The test run's own LORAFLEET_* variables stay out of the services, except these.
 _PASS_THROUGH = ("LORAFLEET_DIALOGSUM_DIR",)

@@ -267,7 +267,7 @@ class Stack:
     # ----------------------------------------------------------------------- clients
     def cli(self, *args: str, check: bool = True, timeout: float = 120,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``python -m shared.cli ARGS`` with this stack's environment."""
+        """Run ``python -m cli.main ARGS`` with this stack's environment."""
         result = subprocess.run(
             [*CLI, *args], cwd=REPO_ROOT, env={**self.env, **(env or {})}, capture_output=True,
             text=True, timeout=timeout,

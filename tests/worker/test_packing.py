@@ -51,7 +51,7 @@ def features(vocab: int, train_on_inputs: bool = False) -> list[dict[str, list[i
 
 
 def load(tiny_model: Path, attention: str) -> Any:
-    """The tiny model set up as ``worker.training.load_model`` sets it up for training."""
+    """The tiny model set up as ``worker.training.model.load_model`` sets it up for training."""
     from transformers import AutoModelForCausalLM
 
     impl = "eager" if attention == "eager" else "sdpa"
@@ -158,13 +158,14 @@ def test_loss_masking_follows_train_on_inputs(tiny_tokenizer: Any,
 
 
 def test_a_job_trains_packed_by_default_and_counts_every_token(
-    settings_env: Callable[..., Any], tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path
+    settings_env: Callable[..., Any], tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The job path (prepare → train_adapter) with JobCreate's defaults packs, switches the
     attention to per-sample, turns the KV cache off, and counts each real token once."""
     from shared.schemas import JobCreate
-    from worker import training
     from worker.preprocess import prepare
+    from worker.training import trainer
 
     settings_env()
     defaults = JobCreate(model="org/m", training_file="file-x")
@@ -174,7 +175,7 @@ def test_a_job_trains_packed_by_default_and_counts_every_token(
     job = spec(model=str(tiny_model), max_steps=2, batch_size=4, packing=defaults.packing)
     data = prepare(job, tiny_tokenizer, path, hashlib.sha256(path.read_bytes()).hexdigest())
     seen: dict[str, Any] = {}
-    real_load = training.load_model
+    real_load = trainer.load_model
 
     def spy(spec_: TrainingSpec, device: str) -> Any:
         model, trainable, total = real_load(spec_, device)
@@ -182,12 +183,9 @@ def test_a_job_trains_packed_by_default_and_counts_every_token(
         seen["use_cache"] = model.config.use_cache
         return model, trainable, total
 
-    training.load_model = spy  # type: ignore[assignment]
-    try:
-        result = training.train_adapter(job, tiny_tokenizer, data, tmp_path / "ckpt",
-                                        tmp_path / "adapter", device="cpu")
-    finally:
-        training.load_model = real_load  # type: ignore[assignment]
+    monkeypatch.setattr(trainer, "load_model", spy)
+    result = trainer.train_adapter(job, tiny_tokenizer, data, tmp_path / "ckpt",
+                                   tmp_path / "adapter", device="cpu")
 
     assert seen == {"attention": PACKED_SDPA, "use_cache": False}
     assert result.step == 2 and result.adapter_dir is not None

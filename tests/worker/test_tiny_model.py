@@ -1,4 +1,4 @@
-"""Tests for ``worker.tiny_model`` and the bundled DialogSum-style sample (``shared.samples``)."""
+"""Tests for ``worker.tiny_model``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from shared.samples import SAMPLE_PATH, dialogsum_path  # noqa: E402
 from worker.tiny_model import IM_END, IM_START, build_tiny_model  # noqa: E402
 
 DIALOGUE = (
@@ -179,38 +178,3 @@ def test_rejects_bad_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         build_tiny_model(tmp_path / "y", vocab_size=100)
 
-
-# --- shared.samples --------------------------------------------------------------------------
-
-
-def test_sample_file_has_240_valid_records() -> None:
-    lines = SAMPLE_PATH.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 240
-    records = [json.loads(line) for line in lines]
-    assert all(set(r) == {"id", "dialogue", "summary", "topic"} for r in records)
-    assert len({r["id"] for r in records}) == 240
-    assert len({r["dialogue"] for r in records}) == 240
-    for r in records:
-        turns = r["dialogue"].split("\n")
-        assert 4 <= len(turns) <= 12, r["id"]
-        for i, turn in enumerate(turns):  # speakers alternate, starting with #Person1#
-            assert turn.startswith(f"#Person{i % 2 + 1}#: "), r["id"]
-        assert r["summary"] and "{" not in r["summary"] + r["dialogue"], r["id"]
-    assert len({r["topic"] for r in records}) >= 24
-
-
-def test_sample_file_matches_generator() -> None:
-    from shared.samples import generate_sample
-
-    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generate_sample.generate())
-    assert SAMPLE_PATH.read_text(encoding="utf-8") == expected
-
-
-def test_dialogsum_path_prefers_local_corpus(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LORAFLEET_DIALOGSUM_DIR", str(tmp_path))
-    assert dialogsum_path("train") == SAMPLE_PATH  # nothing there yet: fall back
-    (tmp_path / "validation.jsonl").write_text("{}\n")
-    assert dialogsum_path("validation") == tmp_path / "validation.jsonl"
-    assert dialogsum_path() == SAMPLE_PATH

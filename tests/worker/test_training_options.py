@@ -20,8 +20,10 @@ from tests.support.jobs import (  # noqa: E402
     wait_for_status,
 )
 from tests.worker.test_packing import spec  # noqa: E402
-from worker import training  # noqa: E402
+from worker.loading import ModelLoadError  # noqa: E402
 from worker.preprocess import prepare  # noqa: E402
+from worker.training import trainer  # noqa: E402
+from worker.training.model import fuse_tanh_gelu, load_model  # noqa: E402
 
 
 def checkpointing_on(model: Any) -> bool:
@@ -31,7 +33,8 @@ def checkpointing_on(model: Any) -> bool:
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(
-    settings_env: Callable[..., Any], tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path
+    settings_env: Callable[..., Any], tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Recomputing activations in the backward pass changes memory, not the training."""
     settings_env()
@@ -40,7 +43,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     histories = {}
     enabled = {}
-    real_load = training.load_model
+    real_load = trainer.load_model
     for checkpointing in (False, True):
         job = spec(model=str(tiny_model), max_steps=2, batch_size=4,
                    gradient_checkpointing=checkpointing)
@@ -51,13 +54,10 @@ def test_gradient_checkpointing_trains_the_same_adapter(
             enabled[flag] = loaded[0]
             return loaded
 
-        training.load_model = spy  # type: ignore[assignment]
-        try:
-            result = training.train_adapter(job, tiny_tokenizer, data,
-                                            tmp_path / f"ckpt-{checkpointing}",
-                                            tmp_path / f"adapter-{checkpointing}", device="cpu")
-        finally:
-            training.load_model = real_load  # type: ignore[assignment]
+        monkeypatch.setattr(trainer, "load_model", spy)
+        result = trainer.train_adapter(job, tiny_tokenizer, data,
+                                       tmp_path / f"ckpt-{checkpointing}",
+                                       tmp_path / f"adapter-{checkpointing}", device="cpu")
         histories[checkpointing] = [loss for _, loss in result.loss_history]
 
     assert checkpointing_on(enabled[True].base_model.model)
@@ -69,8 +69,8 @@ def test_gradient_checkpointing_trains_the_same_adapter(
 def test_4bit_quantization_fails_clearly_without_a_gpu(tiny_model: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(training.ModelLoadError, match="needs a CUDA GPU") as exc:
-        training.load_model(spec(model=str(tiny_model), quantization="4bit"), "cpu")
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU") as exc:
+        load_model(spec(model=str(tiny_model), quantization="4bit"), "cpu")
     assert exc.value.param == "quantization"
     assert "without quantization" in exc.value.message
 
@@ -118,7 +118,7 @@ def test_fused_tanh_gelu_computes_the_same_model(tiny_model: Path) -> None:
                         .manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        swapped = training.fuse_tanh_gelu(model)
+        swapped = fuse_tanh_gelu(model)
         after = model(input_ids=ids).logits
 
     assert swapped == model.config.num_hidden_layers

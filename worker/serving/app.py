@@ -24,8 +24,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api import errors
-from shared import storage
+from shared import http_errors, storage
 from shared.errors import InvalidRequest
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings, get_settings
@@ -185,7 +184,7 @@ def create_app(engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="lorafleet engine", version="0.1.0", lifespan=lifespan,
                   description="Generation with LoRA adapters; called by the lorafleet API.")
-    errors.install(app)
+    http_errors.install(app)
     app.state.engine = engine
 
     @app.get("/health")

@@ -28,9 +28,9 @@ from transformers import (
 )
 
 from shared.errors import LorafleetError
+from worker.loading import ModelLoadError, load_tokenizer
 from worker.serving.adapters import AdapterCache, AdapterRef
 from worker.serving.decoding import DeltaFn, FinishFn, Row, RowSampler, RowStopper
-from worker.training import ModelLoadError, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import IO, Any
 
 import httpx
 
-from shared.cli import report_job, watch_job
+from cli.watch import report_job, watch_job
+from shared.lifecycle import TERMINAL, JobStatus
 from shared.samples import SAMPLE_PATH
-from shared.schemas import TERMINAL_STATUSES
 from shared.settings import get_settings
 
 HEALTH_TIMEOUT_S = 120.0
@@ -114,7 +114,7 @@ def ensure_tiny_model(path: Path) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "shared.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 def create_key(env: dict[str, str]) -> str:
@@ -176,7 +176,7 @@ def cancel_unfinished(base: str, key: str) -> int:
                             headers=headers, timeout=30), "listing jobs")
     cancelled = 0
     for job in jobs["data"]:
-        if job["status"] not in TERMINAL_STATUSES:
+        if job["status"] not in TERMINAL:
             r = httpx.post(f"{base}/v1/fine_tuning/jobs/{job['id']}/cancel", headers=headers,
                            timeout=30)
             cancelled += r.status_code == 200
@@ -281,7 +281,7 @@ def run_demo(opts: DemoOptions) -> int:
             _say(f"cancelled {leftovers} unfinished job(s) of an earlier run")
         job_id = submit(base, key, model, opts)
         job = watch_job(f"{base}/v1", job_id, key, interval=0.5)
-        if job is not None and job["status"] == "succeeded":
+        if job is not None and job["status"] == JobStatus.SUCCEEDED:
             try_completion(base, key, f"http://127.0.0.1:{engine_port}", job["fine_tuned_model"])
     except (DemoError, httpx.HTTPError) as e:
         print(f"lorafleet demo: {e}", file=sys.stderr)

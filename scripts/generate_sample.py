@@ -4,7 +4,7 @@ The real DialogSum corpus is CC BY-NC-SA, so it must not ship with the project. 
 composes its own dialogues from hand-written scenario templates instead, seeded so that the
 output is byte-identical on every run. Run it from anywhere::
 
-    python shared/samples/generate_sample.py [--out PATH] [--count N]
+    python scripts/generate_sample.py [--out PATH] [--count N]
 
 Template format: each scenario's ``turns`` alternate speakers, starting with ``#Person1#``. A
 plain string is one turn; a tuple is an optional exchange of two turns (included at random, so
@@ -21,7 +21,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-OUT_PATH = Path(__file__).with_name("dialogsum_sample.jsonl")
+# The bundled sample that ships in the ``shared.samples`` package.
+OUT_PATH = Path(__file__).resolve().parents[1] / "shared" / "samples" / "dialogsum_sample.jsonl"
 COUNT = 240
 MIN_TURNS, MAX_TURNS = 4, 12
 
@@ -674,7 +675,7 @@ def generate(count: int = COUNT, seed: int = 0) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write the sample file (``--out``, default next to this script)."""
+    """Write the sample file (``--out``, default the bundled ``shared/samples`` one)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     parser.add_argument("--count", type=int, default=COUNT)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from shared.settings import get_settings
 
@@ -68,12 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _base_url(arg: str | None) -> str:
-    s = get_settings()
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    return (arg or f"http://{host}:{s.port}/v1").rstrip("/")
-
-
 def cmd_api() -> int:
     import uvicorn
 
@@ -116,7 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from shared.migrate import upgrade
 
     upgrade()
-    exe = [sys.executable, "-m", "shared.cli"]
+    exe = [sys.executable, "-m", "cli.main"]
     names = ["api"] + ([] if args.no_worker else ["worker"]) + ([] if args.no_engine else ["serve"])
     procs = [subprocess.Popen([*exe, name]) for name in names]
     stopping = False
@@ -150,61 +142,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
-def watch_job(base_url: str, job_id: str, api_key: str | None = None,
-              interval: float = 0.5) -> dict[str, Any] | None:
-    """Show a live progress bar until the job ends; returns the final job (``None`` on an API
-    error, which is printed to stderr)."""
-    import httpx
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    url = f"{base_url.rstrip('/')}/fine_tuning/jobs/{job_id}"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=10, headers=headers) as client, Progress(
-        TextColumn("[bold]{task.fields[status]:>9}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("eta"), TimeRemainingColumn(),
-    ) as bar:
-        task = bar.add_task("train", total=None, status="...", loss="-")
-        while True:
-            r = client.get(url)
-            if r.status_code != 200:
-                bar.stop()
-                print(f"error {r.status_code}: {r.text}", file=sys.stderr)
-                return None
-            job: dict[str, Any] = r.json()
-            p = job.get("progress") or {}
-            loss = p.get("loss")
-            bar.update(task, total=p.get("total_steps"), completed=p.get("step", 0),
-                       status=job["status"], loss=f"{loss:.4f}" if loss is not None else "-")
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(interval)
-
-
-def report_job(job: dict[str, Any]) -> int:
-    """Print a finished job's result; 0 if it succeeded, 2 otherwise."""
-    if job["status"] == "succeeded":
-        print(f"succeeded: {job['fine_tuned_model']}")
-        print(f"adapter: {job['adapter_path']}")
-        return 0
-    err = (job.get("error") or {}).get("message", "")
-    print(f"{job['status']}: {err}", file=sys.stderr)
-    return 2
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    key = os.environ.get("LORAFLEET_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    job = watch_job(_base_url(args.base_url), args.job_id, key, args.interval)
-    return 1 if job is None else report_job(job)
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
-    from shared import keys
+    from api import auth as keys
     from shared.db import session_scope
     from shared.migrate import upgrade
 
@@ -239,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"database at {get_settings().effective_database_url.split('@')[-1]} is up to date")
         return 0
     if args.command == "sweep":
-        from shared.lease import sweep
+        from worker.sweeper import sweep
 
         print("\n".join(sweep()) or "nothing to re-queue")
         return 0
@@ -248,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return cmd_serve()
     if args.command == "demo":
-        from shared.demo import DemoOptions, run_demo
+        from cli.demo import DemoOptions, run_demo
 
         return run_demo(DemoOptions(Path(args.dir), args.port, args.max_steps, args.save_steps))
     if args.command == "make-tiny-model":
@@ -261,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         return cmd_keys(args)
     if args.command == "jobs" and args.jobs_command == "watch":
+        from cli.watch import cmd_watch
+
         return cmd_watch(args)
     return 2
 

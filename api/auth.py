@@ -1,17 +1,26 @@
-"""API keys: created and revoked by the operator, checked on every ``/v1`` request."""
+"""API keys: created and revoked by the operator, checked on every ``/v1`` request.
+
+A key checked recently is trusted for ``auth_cache_seconds`` (:data:`key_cache`): routes with
+a session check keys with :func:`authenticate`, the async job status route with
+:func:`authenticate_async`, which stays on the event loop for a cached key.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from api.flights import Flights
+from shared.db import session_scope
 from shared.errors import InvalidRequest, LorafleetError, NotFound
 from shared.ids import new_id, now
 from shared.models import ApiKey
@@ -39,19 +48,24 @@ class KeyCache:
     (an attacker cannot fill the cache). Revoking a key in this process drops it at once;
     other API processes notice within the TTL. Thread-safe: sync routes fill it from the
     thread pool while async routes read it on the event loop.
+
+    Args:
+        clock: the time in seconds, as :func:`time.monotonic` gives it (tests pass their own).
     """
 
-    def __init__(self, max_entries: int = 10_000):
+    def __init__(self, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
         self.max_entries = max_entries
+        self.clock = clock
         self._lock = threading.Lock()
-        # key hash -> (project, when its check began on the monotonic clock); oldest first
+        # key hash -> (project, when its check began on `clock`); oldest first
         self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def lookup(self, key_hash: str) -> tuple[str, float] | None:
         """The key's project and when it was checked, unless that was a TTL ago or more."""
         with self._lock:
             hit = self._entries.get(key_hash)
-        if hit is None or hit[1] + get_settings().auth_cache_seconds <= time.monotonic():
+        if hit is None or hit[1] + get_settings().auth_cache_seconds <= self.clock():
             return None
         return hit
 
@@ -82,6 +96,8 @@ class KeyCache:
 
 
 key_cache = KeyCache()
+# Key checks in flight on the event loop (:func:`authenticate_async`), by key hash.
+key_checks = Flights()
 
 
 def create_key(session: Session, project: str, name: str = "") -> tuple[ApiKey, str]:
@@ -141,7 +157,7 @@ def check_key(session: Session, key_hash: str) -> str:
     Raises:
         Unauthorized: an unknown or revoked key (forgotten by the cache).
     """
-    checked_at = time.monotonic()
+    checked_at = key_cache.clock()
     project = session.scalar(select(ApiKey.project).where(
         ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     if project is None:
@@ -159,3 +175,28 @@ def authenticate(session: Session, authorization: str | None) -> str:
     """
     key_hash = hash_header(authorization)
     return key_cache.get(key_hash) or check_key(session, key_hash)
+
+
+def _check_key(key_hash: str) -> str:
+    with session_scope() as session:
+        return check_key(session, key_hash)
+
+
+async def authenticate_async(authorization: str | None) -> str:
+    """:func:`authenticate` without a session, for async routes. A key not checked within
+    the TTL is checked in the thread pool, once for all the requests that carry it; one past
+    half its TTL is served from :data:`key_cache` and checked again in the background.
+
+    Raises:
+        Unauthorized: no key, a malformed header, or an unknown or revoked key.
+    """
+    key_hash = hash_header(authorization)
+    ttl = get_settings().auth_cache_seconds
+    at = key_cache.clock()
+    hit = key_cache.lookup(key_hash)
+    since = max(hit[1], at - ttl) if hit else at - ttl
+    if hit is None:
+        return await asyncio.shield(key_checks.join(key_hash, at, since, _check_key, key_hash))
+    if at - hit[1] > ttl / 2:
+        key_checks.join(key_hash, at, since, _check_key, key_hash)
+    return hit[0]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
+from api.files import validate_jsonl
 from shared.errors import InvalidDataset, PayloadTooLarge
-from shared.files import validate_jsonl
 
 GOOD = {"dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet."}
 
@@ -144,7 +144,8 @@ def stored_files(settings: Any) -> list[str]:
 
 
 def test_save_upload_stores_and_records_the_file(session: Session) -> None:
-    from shared.files import open_content, save_upload
+    from api.files import save_upload
+    from shared.files import open_content
     from shared.settings import get_settings
 
     content = (line(GOOD) + "\n").encode()
@@ -157,7 +158,7 @@ def test_save_upload_stores_and_records_the_file(session: Session) -> None:
 
 
 def test_save_upload_over_the_size_limit_keeps_nothing(session: Session) -> None:
-    from shared.files import save_upload
+    from api.files import save_upload
     from shared.settings import get_settings
 
     content = (line(GOOD) + "\n").encode() * 20  # > 1000 bytes
@@ -168,7 +169,7 @@ def test_save_upload_over_the_size_limit_keeps_nothing(session: Session) -> None
 
 
 def test_save_upload_of_an_invalid_file_keeps_nothing(session: Session) -> None:
-    from shared.files import save_upload
+    from api.files import save_upload
     from shared.settings import get_settings
 
     with pytest.raises(InvalidDataset, match="line 2"):
@@ -177,8 +178,67 @@ def test_save_upload_of_an_invalid_file_keeps_nothing(session: Session) -> None:
 
 
 def test_save_upload_rejects_an_unknown_purpose(session: Session) -> None:
-    from shared.files import save_upload
+    from api.files import save_upload
 
     with pytest.raises(InvalidDataset, match="purpose must be one of fine-tune") as exc:
         save_upload(session, io.BytesIO(b'{"a": 1}\n'), "x.jsonl", "assistants")
     assert exc.value.param == "purpose"
+
+
+# --------------------------------------------------------------------------- list_files
+def add_files(session: Session, purposes: str, project: str = "p") -> list[tuple[str, str]]:
+    """Record a file of each purpose in ``purposes`` (oldest first); their (id, purpose),
+    newest first, as the listing orders them. Uploads accept ``fine-tune`` only, so the rows
+    of other purposes are written straight to the table."""
+    from shared.ids import new_id, now
+    from shared.models import File
+
+    made = []
+    for purpose in purposes.split():
+        file_id = new_id("file")
+        session.add(File(id=file_id, project=project, filename=f"{file_id}.jsonl",
+                         purpose=purpose, bytes=1, created_at=now(),
+                         path=f"files/{file_id}.jsonl", sha256="0" * 64))
+        session.flush()  # one at a time: the listing orders by insertion
+        made.append((file_id, purpose))
+    return made[::-1]
+
+
+def pages(session: Session, limit: int, purpose: str | None) -> list[tuple[list[str], bool]]:
+    """Every page of the listing, each as (ids, has_more), following the ``after`` cursor."""
+    from api.files import list_files
+
+    found: list[tuple[list[str], bool]] = []
+    after = None
+    while True:
+        rows, more = list_files(session, "p", after, limit, purpose)
+        found.append(([r.id for r in rows], more))
+        if not more or not rows:
+            return found
+        after = rows[-1].id
+
+
+def test_a_purpose_is_filtered_before_the_page_is_cut(session: Session) -> None:
+    files = add_files(session, "fine-tune batch fine-tune fine-tune batch batch fine-tune "
+                               "batch batch batch fine-tune fine-tune batch fine-tune")
+    add_files(session, "fine-tune batch", project="other")
+    tuned = [i for i, purpose in files if purpose == "fine-tune"]
+    batch = [i for i, purpose in files if purpose == "batch"]
+
+    assert pages(session, 3, "fine-tune") == [
+        (tuned[0:3], True), (tuned[3:6], True), (tuned[6:7], False)]
+    assert pages(session, 7, "batch") == [(batch, False)]
+    assert pages(session, 5, None) == [
+        ([i for i, _ in files[0:5]], True), ([i for i, _ in files[5:10]], True),
+        ([i for i, _ in files[10:14]], False)]
+    assert pages(session, 3, "assistants") == [([], False)]
+
+
+def test_a_page_of_one_purpose_may_follow_a_file_of_another(session: Session) -> None:
+    from api.files import list_files
+
+    files = add_files(session, "batch fine-tune batch fine-tune")
+
+    rows, more = list_files(session, "p", files[0][0], 1, "batch")  # after the newest fine-tune
+
+    assert ([r.id for r in rows], more) == ([files[1][0]], True)

@@ -1,76 +1,37 @@
-"""Fine-tuning jobs as the API sees them: create, read, list, cancel, events, checkpoints."""
+"""Fine-tuning jobs as the API sees them: admission, request → spec, read, list, cancel.
+
+Creating a job does not read its files: the job starts ``validating_files`` and
+:mod:`shared.validation` checks the files after the response (in the API's background, or a
+worker's sweeper if the API went away), then queues it or fails it naming the bad line.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared import files, storage
-from shared.db import execute_count
-from shared.errors import (
-    Conflict,
-    InvalidDataset,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    ValidationFailed,
-)
+from shared import files, lifecycle
+from shared.db import QUEUE_LOCK, lock_project
+from shared.errors import Conflict, InvalidRequest, NotFound, Overloaded, ValidationFailed
+from shared.events import add_event
 from shared.ids import new_id, now, plausible_id
+from shared.lifecycle import JobStatus
 from shared.models import Checkpoint, File, Job, JobEvent
-from shared.records import DEFAULT_INSTRUCTION, RecordError, to_example
-from shared.schemas import (
-    BASE_LEARNING_RATE,
-    TERMINAL_STATUSES,
-    CheckpointPublic,
-    DatasetStats,
-    ErrorInfo,
-    EventPublic,
-    JobCreate,
-    JobPublic,
-    Progress,
-    TrainingSpec,
-)
+from shared.schemas import BASE_LEARNING_RATE, JobCreate, TrainingSpec
 from shared.settings import get_settings
-from shared.templates import PromptFormat, template_fields
+from shared.templates import PromptFormat
+
+log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 DEFAULT_BATCH_SIZE = 4
-WAITING_STATUSES = ("validating_files", "queued")
 # A full queue frees a slot when one of the project's jobs starts: minutes, not seconds.
 QUEUE_FULL_RETRY_AFTER_S = 60
-# Keys of PostgreSQL advisory locks (first half of the pair; the second is the project).
-QUEUE_LOCK, RUNNING_LOCK = 1, 2
-
-
-# --------------------------------------------------------------------------- events
-def add_event(
-    session: Session,
-    job_id: str,
-    message: str,
-    *,
-    level: str = "info",
-    type: str = "message",
-    data: dict[str, Any] | None = None,
-) -> None:
-    # Messages may quote user data (a column name, a file's line); PostgreSQL text cannot
-    # hold NUL, and a failed event write must never be what fails a job.
-    message = message.replace("\x00", "\\x00")
-    session.add(
-        JobEvent(job_id=job_id, created_at=now(), level=level, type=type, message=message,
-                 data=data)
-    )
-
-
-def lock_project(session: Session, project: str, purpose: int) -> None:
-    """Serialise one kind of per-project admission decision (``QUEUE_LOCK``, ``RUNNING_LOCK``)
-    until the transaction ends. PostgreSQL only: SQLite runs one writer at a time already."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(purpose, func.hashtext(project))))
 
 
 # --------------------------------------------------------------------------- create
@@ -116,7 +77,7 @@ def _check_queue(session: Session, project: str) -> None:
     limit = get_settings().max_queued_jobs_per_project
     lock_project(session, project, QUEUE_LOCK)
     waiting = session.scalar(select(func.count()).select_from(Job).where(
-        Job.project == project, Job.status.in_(WAITING_STATUSES)))
+        Job.project == project, Job.status.in_(lifecycle.WAITING)))
     if waiting is not None and waiting >= limit:
         raise Overloaded(
             f"Too many queued fine-tuning jobs: this project has {waiting} waiting, the limit "
@@ -151,45 +112,15 @@ def _check_limits(req: JobCreate) -> None:
         raise ValidationFailed("; ".join(m for _, m in problems), param=problems[0][0])
 
 
-def _check_records(
-    row: File, spec_fmt: PromptFormat, column_map: dict[str, str] | None, param: str
-) -> str | None:
-    """Every record must yield an example with this column map; returns the record shape."""
-    needed = template_fields(spec_fmt.prompt_template or "") + template_fields(
-        spec_fmt.response_template or ""
-    )
-    shape = None
-    for lineno, record in files.iter_records(files.open_content(row)):
-        try:
-            if spec_fmt.type == "custom":
-                mapped = {**record, **{k: record[v] for k, v in (column_map or {}).items()
-                                       if v in record}}
-                missing = [n for n in needed if n not in mapped]
-                if missing:
-                    raise RecordError(f"missing column '{missing[0]}' used by the template")
-            else:
-                example = to_example(record, column_map=column_map)
-                shape = shape or example.shape
-        except RecordError as e:
-            hint = f" (column_map: {column_map})" if column_map else ""
-            raise InvalidDataset(f"{param} line {lineno}: {e}{hint}", param=param) from e
-    return shape
-
-
 def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
-    """Validate a request against the operator's limits and the data; the worker's input."""
+    """Check a request against the operator's limits; the worker's input. The files' records
+    are checked later (``validating_files``), so this never reads them."""
     _check_limits(req)
     model = _check_model(req.model)
     train = _input_file(session, req.training_file, project, "training_file")
     valid = (_input_file(session, req.validation_file, project, "validation_file")
              if req.validation_file else None)
     fmt = PromptFormat.parse(req.prompt_format)
-    shape = _check_records(train, fmt, req.column_map, "training_file")
-    if valid is not None:
-        _check_records(valid, fmt, req.column_map, "validation_file")
-    if fmt.instruction is None and shape == "dialogsum":
-        # Stored with the adapter, so inference wraps a bare dialogue the same way.
-        fmt = fmt.model_copy(update={"instruction": DEFAULT_INSTRUCTION})
     hp = req.openai_hyperparameters()
     batch_size = req.batch_size or (hp.batch_size if isinstance(hp.batch_size, int) else None)
     n_epochs = req.n_epochs or (hp.n_epochs if isinstance(hp.n_epochs, int) else None) or 1
@@ -203,7 +134,7 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         validation_file=valid.id if valid else None,
         lora=req.lora,
         prompt_format=fmt,
-        record_shape=shape,
+        record_shape=None,  # set once the files are validated
         column_map=req.column_map,
         max_length=req.max_length,
         max_steps=req.max_steps,
@@ -222,16 +153,12 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     )
 
 
-def fine_tuned_model_name(model: str, suffix: str | None, job_id: str) -> str:
-    base = Path(model).name if "/" in model and Path(model).is_absolute() else model
-    return f"ft:{base}:{suffix or ''}:{job_id}"
-
-
 def create_job(session: Session, req: JobCreate, project: str = "default") -> Job:
-    """Validate and insert a job as ``queued``; the caller commits, then enqueues it.
+    """Insert a job as ``validating_files``; the caller commits, then has its files checked.
 
     Raises:
         Overloaded: the project has ``max_queued_jobs_per_project`` jobs waiting already.
+        NotFound, InvalidRequest, ValidationFailed: a bad request field, named.
     """
     _check_queue(session, project)
     spec = build_spec(session, req, project)
@@ -241,7 +168,7 @@ def create_job(session: Session, req: JobCreate, project: str = "default") -> Jo
         created_at=now(),
         model=spec.model,
         suffix=req.suffix,
-        status="queued",
+        status=JobStatus.VALIDATING_FILES,
         training_file=spec.training_file,
         validation_file=spec.validation_file,
         spec=spec.model_dump(mode="json"),
@@ -251,8 +178,10 @@ def create_job(session: Session, req: JobCreate, project: str = "default") -> Jo
     )
     session.add(job)
     session.flush()
-    add_event(session, job.id, f"Validated training file {spec.training_file}")
-    add_event(session, job.id, "Fine-tuning job created and queued")
+    checking = f"Validating training file: {spec.training_file}"
+    if spec.validation_file:
+        checking += f" and validation file: {spec.validation_file}"
+    add_event(session, job.id, checking)
     return job
 
 
@@ -323,119 +252,15 @@ def list_checkpoints(
 
 # --------------------------------------------------------------------------- cancel
 def cancel_job(session: Session, job_id: str, project: str = "default") -> Job:
-    """Cancel a job in any unfinished state. A running job stops at its next step."""
+    """Cancel a job in any unfinished state. A running job stops at its next step.
+
+    Raises:
+        Conflict: the job has already ended.
+    """
     job = get_job(session, job_id, project)
-    if job.status in TERMINAL_STATUSES:
+    if job.status in lifecycle.TERMINAL:
         raise Conflict(f"job {job_id} has already {job.status}", param="fine_tuning_job_id")
-    # Not running: nobody holds a lease, so cancel at once (conditional on the state we read).
-    done = execute_count(
-        session,
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "validating_files")),
-               Job.attempt == job.attempt)
-        .values(status="cancelled", finished_at=now(), cancel_requested=True),
-    )
-    if done:
-        add_event(session, job_id, "Job cancelled")
-    else:
-        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-        add_event(session, job_id, "Cancellation requested; the job stops at its next step")
+    lifecycle.cancel(session, job)
     session.flush()
     session.refresh(job)
-    return job
-
-
-# --------------------------------------------------------------------------- public shapes
-def job_public(job: Job) -> JobPublic:
-    spec = TrainingSpec.model_validate(job.spec)
-    hp = {
-        "n_epochs": spec.n_epochs if spec.max_steps is None else "auto",
-        "batch_size": spec.batch_size,
-        "learning_rate_multiplier": spec.learning_rate / BASE_LEARNING_RATE,
-    }
-    return JobPublic(
-        id=job.id,
-        created_at=job.created_at,
-        finished_at=job.finished_at,
-        model=job.model,
-        fine_tuned_model=job.fine_tuned_model,
-        organization_id=f"org-{job.project}",
-        status=job.status,  # type: ignore[arg-type]
-        training_file=job.training_file,
-        validation_file=job.validation_file,
-        result_files=[],
-        hyperparameters=hp,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
-        trained_tokens=job.trained_tokens,
-        seed=job.seed,
-        estimated_finish=job.estimated_finish,
-        metadata=job.user_metadata,
-        error=ErrorInfo(**job.error) if job.error else None,
-        user_provided_suffix=job.suffix,
-        lora=spec.lora,
-        prompt_format=spec.prompt_format,
-        max_length=spec.max_length,
-        max_steps=spec.max_steps,
-        n_epochs=spec.n_epochs if spec.max_steps is None else None,
-        batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        learning_rate=spec.learning_rate,
-        train_on_inputs=spec.train_on_inputs,
-        packing=spec.packing,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        quantization=spec.quantization,
-        progress=Progress(**job.progress) if job.progress else None,
-        trainable_parameters=job.trainable_parameters,
-        total_parameters=job.total_parameters,
-        dataset=DatasetStats(**job.dataset_stats) if job.dataset_stats else None,
-        attempt=job.attempt,
-        resumed_from_step=job.resumed_from_step,
-        last_good_checkpoint_step=job.last_good_step,
-        adapter_path=str(storage.root() / job.adapter_dir) if job.adapter_dir else None,
-    )
-
-
-def event_public(event: JobEvent) -> EventPublic:
-    return EventPublic(
-        id=f"ftevent-{event.seq}",
-        created_at=event.created_at,
-        level=event.level,  # type: ignore[arg-type]
-        message=event.message,
-        type=event.type,  # type: ignore[arg-type]
-        data=event.data,
-    )
-
-
-def checkpoint_public(ckpt: Checkpoint, job: Job) -> CheckpointPublic:
-    name = fine_tuned_model_name(job.model, job.suffix, job.id)
-    return CheckpointPublic(
-        id=ckpt.id,
-        created_at=ckpt.created_at,
-        fine_tuned_model_checkpoint=f"{name}:ckpt-step-{ckpt.step_number}",
-        fine_tuning_job_id=job.id,
-        step_number=ckpt.step_number,
-        metrics=ckpt.metrics,
-        path=str(storage.root() / ckpt.path),
-    )
-
-
-def submit_job(session: Session, req: JobCreate, project: str = "default") -> Job:
-    """Create a job, commit it, then wake a worker. If the broker is down the job stays
-    ``queued`` and the sweeper sends it once the broker is back."""
-    import time
-
-    from shared.queue import enqueue_job
-
-    job = create_job(session, req, project)
-    session.commit()
-    try:
-        enqueue_job(job.id)
-    except Exception:  # noqa: BLE001 - the sweeper re-sends jobs never enqueued
-        import logging
-
-        logging.getLogger(__name__).warning("broker unavailable; %s waits for the sweeper",
-                                            job.id, exc_info=True)
-        return job
-    session.execute(update(Job).where(Job.id == job.id).values(enqueued_at=time.time()))
-    session.commit()
     return job

@@ -1,0 +1,99 @@
+"""The public shapes of files, jobs, events and checkpoints: OpenAI's objects, our extensions."""
+
+from __future__ import annotations
+
+from shared import storage
+from shared.ids import fine_tuned_model_name
+from shared.models import Checkpoint, File, Job, JobEvent
+from shared.schemas import (
+    BASE_LEARNING_RATE,
+    CheckpointPublic,
+    DatasetStats,
+    ErrorInfo,
+    EventPublic,
+    FilePublic,
+    JobPublic,
+    Progress,
+    TrainingSpec,
+)
+
+
+def file_public(row: File) -> FilePublic:
+    return FilePublic(id=row.id, bytes=row.bytes, created_at=row.created_at,
+                      filename=row.filename, purpose=row.purpose, status=row.status,
+                      line_count=row.line_count, record_format=row.record_format)
+
+
+def job_public(job: Job) -> JobPublic:
+    spec = TrainingSpec.model_validate(job.spec)
+    hp = {
+        "n_epochs": spec.n_epochs if spec.max_steps is None else "auto",
+        "batch_size": spec.batch_size,
+        "learning_rate_multiplier": spec.learning_rate / BASE_LEARNING_RATE,
+    }
+    return JobPublic(
+        id=job.id,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=f"org-{job.project}",
+        status=job.status,  # type: ignore[arg-type]
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        result_files=[],
+        hyperparameters=hp,
+        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        trained_tokens=job.trained_tokens,
+        seed=job.seed,
+        estimated_finish=job.estimated_finish,
+        metadata=job.user_metadata,
+        error=ErrorInfo(**job.error) if job.error else None,
+        user_provided_suffix=job.suffix,
+        lora=spec.lora,
+        prompt_format=spec.prompt_format,
+        max_length=spec.max_length,
+        max_steps=spec.max_steps,
+        n_epochs=spec.n_epochs if spec.max_steps is None else None,
+        batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate,
+        train_on_inputs=spec.train_on_inputs,
+        packing=spec.packing,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        quantization=spec.quantization,
+        progress=Progress(**job.progress) if job.progress else None,
+        trainable_parameters=job.trainable_parameters,
+        total_parameters=job.total_parameters,
+        dataset=DatasetStats(**job.dataset_stats) if job.dataset_stats else None,
+        attempt=job.attempt,
+        resumed_from_step=job.resumed_from_step,
+        last_good_checkpoint_step=job.last_good_step,
+        adapter_path=str(storage.root() / job.adapter_dir) if job.adapter_dir else None,
+    )
+
+
+def event_public(event: JobEvent) -> EventPublic:
+    return EventPublic(
+        id=f"ftevent-{event.seq}",
+        created_at=event.created_at,
+        level=event.level,  # type: ignore[arg-type]
+        message=event.message,
+        type=event.type,  # type: ignore[arg-type]
+        data=event.data,
+    )
+
+
+def checkpoint_public(ckpt: Checkpoint, job: Job) -> CheckpointPublic:
+    name = fine_tuned_model_name(job.model, job.suffix, job.id)
+    return CheckpointPublic(
+        id=ckpt.id,
+        created_at=ckpt.created_at,
+        fine_tuned_model_checkpoint=f"{name}:ckpt-step-{ckpt.step_number}",
+        fine_tuning_job_id=job.id,
+        step_number=ckpt.step_number,
+        metrics=ckpt.metrics,
+        path=str(storage.root() / ckpt.path),
+    )
+
+
