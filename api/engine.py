@@ -105,5 +105,17 @@ async def _disconnected(caller: Request) -> None:
         await asyncio.sleep(0.25)
 
 
+def engine_error(answer: Response) -> dict[str, Any] | None:
+    """The error object (``{"message", "type", "param", "code"}``) of an engine answer that is
+    an error in OpenAI's shape; None for any other answer (streams included)."""
+    if answer.status_code < 400 or isinstance(answer, StreamingResponse):
+        return None
+    try:
+        error = json.loads(bytes(answer.body)).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error if isinstance(error, dict) else None
+
+
 def engine_client(request: Request) -> EngineClient:
     return request.app.state.engine

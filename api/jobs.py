@@ -15,6 +15,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api import continuation
+from api.metadata_filter import MetadataFilter
+from api.served_models import CHECKPOINT_NAME
 from shared import files, lifecycle
 from shared.db import QUEUE_LOCK, lock_project
 from shared.errors import Conflict, InvalidRequest, NotFound, Overloaded, ValidationFailed
@@ -87,11 +90,31 @@ def _check_queue(session: Session, project: str) -> None:
 
 
 def _input_file(session: Session, file_id: str, project: str, param: str) -> File:
-    """A file the job reads; 404 naming the request field when the project has no such file."""
+    """A file the job reads; 404 naming the request field when the project has no such file,
+    400 when it is not a data set (a job's ``fine-tune-results``, say)."""
     try:
-        return files.get_file(session, file_id, project)
+        row = files.get_file(session, file_id, project)
     except NotFound as e:
         raise NotFound(f"{param}: no such file: {file_id}", param=param) from e
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"{param}: file {file_id} has purpose '{row.purpose}'; a job "
+                             "reads files uploaded with purpose 'fine-tune'", param=param)
+    return row
+
+
+def _check_early_stopping(req: JobCreate) -> None:
+    """Early stopping watches the validation loss: it needs a validation file.
+
+    Raises:
+        InvalidRequest: naming the option that cannot apply.
+    """
+    if req.early_stopping_patience is not None and not req.validation_file:
+        raise InvalidRequest(
+            "early_stopping_patience needs a validation_file: early stopping watches the "
+            "validation loss", param="early_stopping_patience")
+    if req.early_stopping_threshold is not None and req.early_stopping_patience is None:
+        raise InvalidRequest("early_stopping_threshold applies only with "
+                             "early_stopping_patience", param="early_stopping_threshold")
 
 
 def _check_limits(req: JobCreate) -> None:
@@ -108,6 +131,15 @@ def _check_limits(req: JobCreate) -> None:
     n_epochs = req.n_epochs or req.openai_hyperparameters().n_epochs
     if isinstance(n_epochs, int | float) and n_epochs > s.max_epochs_limit:
         problems.append(("n_epochs", f"n_epochs must be at most {s.max_epochs_limit}"))
+    budget = req.max_tokens_per_batch
+    if budget is not None and not req.packing:
+        problems.append(("max_tokens_per_batch",
+                         "max_tokens_per_batch needs packing: true (padded batches have a "
+                         "fixed number of examples; use batch_size)"))
+    if budget is not None and budget < req.max_length:
+        problems.append(("max_tokens_per_batch",
+                         f"max_tokens_per_batch ({budget}) must be at least max_length "
+                         f"({req.max_length}), so that every example fits in a batch"))
     if problems:
         raise ValidationFailed("; ".join(m for _, m in problems), param=problems[0][0])
 
@@ -116,11 +148,14 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     """Check a request against the operator's limits; the worker's input. The files' records
     are checked later (``validating_files``), so this never reads them."""
     _check_limits(req)
-    model = _check_model(req.model)
+    _check_early_stopping(req)
+    start = (continuation.continue_from(session, req, project)
+             if continuation.is_continuation(req.model) else None)
+    model = start.base_model if start else _check_model(req.model)
     train = _input_file(session, req.training_file, project, "training_file")
     valid = (_input_file(session, req.validation_file, project, "validation_file")
              if req.validation_file else None)
-    fmt = PromptFormat.parse(req.prompt_format)
+    fmt = start.prompt_format if start else PromptFormat.parse(req.prompt_format)
     hp = req.openai_hyperparameters()
     batch_size = req.batch_size or (hp.batch_size if isinstance(hp.batch_size, int) else None)
     n_epochs = req.n_epochs or (hp.n_epochs if isinstance(hp.n_epochs, int) else None) or 1
@@ -132,7 +167,7 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         model=model,
         training_file=train.id,
         validation_file=valid.id if valid else None,
-        lora=req.lora,
+        lora=start.lora if start else req.lora,
         prompt_format=fmt,
         record_shape=None,  # set once the files are validated
         column_map=req.column_map,
@@ -141,6 +176,9 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         n_epochs=float(n_epochs),
         batch_size=batch_size or DEFAULT_BATCH_SIZE,
         gradient_accumulation_steps=req.gradient_accumulation_steps,
+        # Neither a batch size nor a budget: the worker picks (a token budget on a GPU).
+        max_tokens_per_batch=req.max_tokens_per_batch or (
+            "auto" if batch_size is None and req.packing else None),
         learning_rate=lr,
         warmup=req.warmup,
         save_steps=req.save_steps,
@@ -149,7 +187,12 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         packing=req.packing,
         gradient_checkpointing=req.gradient_checkpointing,
         quantization=req.quantization,
+        early_stopping_patience=req.early_stopping_patience,
+        early_stopping_threshold=req.early_stopping_threshold or 0.0,
+        integrations=req.integrations or [],
         seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+        initial_model=start.initial_model if start else None,
+        initial_adapter=start.initial_adapter if start else None,
     )
 
 
@@ -182,6 +225,11 @@ def create_job(session: Session, req: JobCreate, project: str = "default") -> Jo
     if spec.validation_file:
         checking += f" and validation file: {spec.validation_file}"
     add_event(session, job.id, checking)
+    if spec.initial_model:
+        step = CHECKPOINT_NAME.fullmatch(spec.initial_model)
+        add_event(session, job.id, f"Continuing from {spec.initial_model}"
+                  + (f" (checkpoint-{step['step']})" if step else ""),
+                  data={"initial_model": spec.initial_model})
     return job
 
 
@@ -199,9 +247,13 @@ def list_jobs(
     project: str = "default",
     after: str | None = None,
     limit: int = 20,
-    metadata: dict[str, str] | None = None,
+    metadata: MetadataFilter | None = None,
 ) -> tuple[list[Job], bool]:
+    """One page of the project's jobs, newest first, and whether more follow; ``metadata``
+    filters before the page is cut."""
     query = select(Job).where(Job.project == project).order_by(Job.seq.desc())
+    if metadata is not None:
+        query = query.where(*metadata.conditions(session.get_bind().dialect.name))
     if after:
         query = query.where(Job.seq < get_job(session, after, project).seq)
     rows = list(session.scalars(query.limit(limit + 1)))
@@ -261,6 +313,45 @@ def cancel_job(session: Session, job_id: str, project: str = "default") -> Job:
     if job.status in lifecycle.TERMINAL:
         raise Conflict(f"job {job_id} has already {job.status}", param="fine_tuning_job_id")
     lifecycle.cancel(session, job)
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+# --------------------------------------------------------------------------- pause, resume
+PAUSABLE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def pause_job(session: Session, job_id: str, project: str = "default") -> Job:
+    """Pause a job: a queued one at once, a running one after its next checkpoint.
+
+    Raises:
+        Conflict: the job has ended, is paused already, or has a pause or cancel pending.
+    """
+    job = get_job(session, job_id, project)
+    if job.status not in PAUSABLE:
+        raise Conflict(f"job {job_id} is {job.status}; only a validating, queued or running "
+                       "job can be paused", param="fine_tuning_job_id")
+    if job.cancel_requested or job.pause_requested:
+        pending = "cancel" if job.cancel_requested else "pause"
+        raise Conflict(f"job {job_id} has a {pending} pending already",
+                       param="fine_tuning_job_id")
+    lifecycle.pause(session, job)
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def resume_job(session: Session, job_id: str, project: str = "default") -> Job:
+    """Queue a paused job again; it continues from its last checkpoint.
+
+    Raises:
+        Conflict: the job is not paused.
+    """
+    job = get_job(session, job_id, project)
+    if job.status != JobStatus.PAUSED or not lifecycle.resume(session, job):
+        raise Conflict(f"job {job_id} is {job.status}; only a paused job can be resumed",
+                       param="fine_tuning_job_id")
     session.flush()
     session.refresh(job)
     return job

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from shared import storage
 from shared.ids import fine_tuned_model_name
+from shared.lifecycle import JobStatus
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
     BASE_LEARNING_RATE,
     CheckpointPublic,
     DatasetStats,
     ErrorInfo,
+    Evaluation,
     EventPublic,
     FilePublic,
     JobPublic,
@@ -41,12 +43,13 @@ def job_public(job: Job) -> JobPublic:
         status=job.status,  # type: ignore[arg-type]
         training_file=job.training_file,
         validation_file=job.validation_file,
-        result_files=[],
+        result_files=list(job.result_files or []),
         hyperparameters=hp,
         method={"type": "supervised", "supervised": {"hyperparameters": hp}},
         trained_tokens=job.trained_tokens,
         seed=job.seed,
-        estimated_finish=job.estimated_finish,
+        # A projection of the running attempt's pace: none while the job does not run.
+        estimated_finish=job.estimated_finish if job.status == JobStatus.RUNNING else None,
         metadata=job.user_metadata,
         error=ErrorInfo(**job.error) if job.error else None,
         user_provided_suffix=job.suffix,
@@ -57,11 +60,16 @@ def job_public(job: Job) -> JobPublic:
         n_epochs=spec.n_epochs if spec.max_steps is None else None,
         batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        max_tokens_per_batch=spec.max_tokens_per_batch,
         learning_rate=spec.learning_rate,
         train_on_inputs=spec.train_on_inputs,
         packing=spec.packing,
         gradient_checkpointing=spec.gradient_checkpointing,
         quantization=spec.quantization,
+        early_stopping_patience=spec.early_stopping_patience,
+        early_stopping_threshold=(spec.early_stopping_threshold
+                                  if spec.early_stopping_patience else None),
+        integrations=spec.integrations,
         progress=Progress(**job.progress) if job.progress else None,
         trainable_parameters=job.trainable_parameters,
         total_parameters=job.total_parameters,
@@ -70,6 +78,9 @@ def job_public(job: Job) -> JobPublic:
         resumed_from_step=job.resumed_from_step,
         last_good_checkpoint_step=job.last_good_step,
         adapter_path=str(storage.root() / job.adapter_dir) if job.adapter_dir else None,
+        evaluation=Evaluation.model_validate(job.evaluation) if job.evaluation else None,
+        initial_model=spec.initial_model,
+        fine_tuned_model_deleted_at=job.fine_tuned_model_deleted_at,
     )
 
 

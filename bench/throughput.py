@@ -98,6 +98,7 @@ def lorafleet_spec(model_dir: Path, hp: Hyper, **options: Any) -> Any:
         max_length=req.max_length, max_steps=req.max_steps, n_epochs=1.0,
         batch_size=req.batch_size or hp.batch_size,
         gradient_accumulation_steps=req.gradient_accumulation_steps,
+        max_tokens_per_batch=req.max_tokens_per_batch,
         learning_rate=req.learning_rate or hp.learning_rate, warmup=req.warmup,
         save_steps=req.save_steps, logging_steps=req.logging_steps,
         train_on_inputs=req.train_on_inputs, packing=req.packing,

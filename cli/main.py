@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "worker alive")
     worker.add_argument("--hostname", default=None, help="Celery node name (default celery@host)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--gpus", default=None, metavar="all|0,2,3",
+                        help="one worker process per GPU, each pinned to its GPU and named "
+                        "gpuN@host (default: one process, on LORAFLEET_DEVICE)")
     sub.add_parser("migrate", help="upgrade the database schema to the newest version")
     sub.add_parser("sweep", help="re-queue jobs whose worker vanished (workers do this too)")
     sub.add_parser("serve", help="run the inference engine that serves the adapters (uvicorn)")
@@ -32,19 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-worker", action="store_true", help="do not start a worker")
     up.add_argument("--no-engine", action="store_true", help="do not start the engine")
 
-    demo = sub.add_parser("demo", help="train a LoRA adapter end to end on this machine, in a "
-                          "local folder (tiny model, bundled sample data)")
+    demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M end to end on this machine, in a "
+                          "local folder, and compare it with the base model (bundled sample "
+                          "data)")
     demo.add_argument("--dir", default=".demo", help="working folder (default .demo)")
     demo.add_argument("--port", type=int, default=None,
                       help="API port (default: LORAFLEET_PORT if set, else a free port)")
-    demo.add_argument("--max-steps", type=int, default=40)
-    demo.add_argument("--save-steps", type=int, default=10)
+    demo.add_argument("--tiny", action="store_true",
+                      help="train the tiny random-init model instead (no download; gibberish "
+                      "answers)")
+    demo.add_argument("--max-steps", type=int, default=None,
+                      help="default 24 (SmolLM2), 40 (--tiny)")
+    demo.add_argument("--save-steps", type=int, default=None,
+                      help="default: at the end (SmolLM2), every 10 (--tiny)")
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a small random-init Phi model and a tokenizer trained here")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--hidden-size", type=int, default=128,
+                      help="width; 4 heads, so at least 128 for vLLM (head size 32)")
     tiny.add_argument("--layers", type=int, default=2)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
@@ -63,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("job_id")
     watch.add_argument("--base-url", default=None, help="default http://HOST:PORT/v1")
     watch.add_argument("--interval", type=float, default=0.5)
+
+    from cli.models import add_models_parser
+
+    add_models_parser(sub)
     return parser
 
 
@@ -86,8 +101,16 @@ def cmd_serve() -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from shared.migrate import upgrade
+    from worker import devices
 
+    if args.gpus is not None:
+        return cmd_worker_gpus(args)
     s = get_settings()
+    try:
+        devices.pin(s.device)  # before anything starts CUDA
+    except devices.DeviceError as e:
+        print(f"lorafleet worker: {e}", file=sys.stderr)
+        return 2
     if s.auto_migrate and s.effective_database_url.startswith("sqlite"):
         upgrade()
     from worker import celery_app
@@ -103,6 +126,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker_gpus(args: argparse.Namespace) -> int:
+    """One worker process per GPU of ``--gpus``, each pinned to its own; Ctrl-C (or SIGTERM)
+    stops them all, each checkpointing its job first."""
+    from shared.migrate import upgrade
+    from worker import devices
+
+    try:
+        gpus = devices.parse_gpus(args.gpus, devices.gpu_count())
+    except devices.DeviceError as e:
+        print(f"lorafleet worker: {e}", file=sys.stderr)
+        return 2
+    s = get_settings()
+    if s.auto_migrate and s.effective_database_url.startswith("sqlite"):
+        upgrade()  # once, before the workers race to do it
+    name, _, host = (args.hostname or "celery@%h").rpartition("@")
+    envs = devices.worker_envs(gpus, os.environ, metrics_port=s.worker_metrics_port)
+    commands = [
+        [sys.executable, "-m", "cli.main", "worker", "--pool", args.pool, "--loglevel",
+         args.loglevel, "--hostname", f"{name or 'celery'}-gpu{gpu}@{host}"]
+        for gpu in gpus]
+    return _supervise([f"worker gpu{gpu}" for gpu in gpus], commands, envs)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """API, worker and engine as child processes; Ctrl-C (or SIGTERM) stops them cleanly."""
     from shared.migrate import upgrade
@@ -110,7 +156,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     upgrade()
     exe = [sys.executable, "-m", "cli.main"]
     names = ["api"] + ([] if args.no_worker else ["worker"]) + ([] if args.no_engine else ["serve"])
-    procs = [subprocess.Popen([*exe, name]) for name in names]
+    return _supervise(names, [[*exe, name] for name in names])
+
+
+def _supervise(names: list[str], commands: list[list[str]],
+               envs: Sequence[dict[str, str]] | None = None) -> int:
+    """Run ``commands`` as child processes until one exits or this one gets Ctrl-C/SIGTERM;
+    then SIGTERM to the others (workers checkpoint their jobs), killed past the grace."""
+    procs = [subprocess.Popen(cmd, env=envs[i] if envs else None)
+             for i, cmd in enumerate(commands)]
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -124,7 +178,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stopping:
             for p in procs:
                 if p.poll() is not None:
-                    print(f"lorafleet up: {names[procs.index(p)]} exited with {p.returncode}",
+                    print(f"lorafleet: {names[procs.index(p)]} exited with {p.returncode}",
                           file=sys.stderr)
                     stopping, code = True, p.returncode or 1
             time.sleep(0.2)
@@ -132,7 +186,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + get_settings().preempt_grace_seconds
+        # A worker gives itself the grace to checkpoint, then exits: a little more here.
+        deadline = time.monotonic() + get_settings().preempt_grace_seconds + 5
         for p in procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -189,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from cli.demo import DemoOptions, run_demo
 
-        return run_demo(DemoOptions(Path(args.dir), args.port, args.max_steps, args.save_steps))
+        return run_demo(DemoOptions(Path(args.dir), args.port, args.max_steps, args.save_steps,
+                                    tiny=args.tiny))
     if args.command == "make-tiny-model":
         from worker.tiny_model import build_tiny_model
 
@@ -203,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cli.watch import cmd_watch
 
         return cmd_watch(args)
+    if args.command == "models":
+        from cli.models import cmd_models
+
+        return cmd_models(args)
     return 2
 
 

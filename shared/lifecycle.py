@@ -5,11 +5,13 @@ row is the truth; Celery only carries wake-up calls.
 
 States and transitions::
 
-    validating_files ──files_valid──▶ queued ──claim──▶ running ──finish──▶ succeeded | failed
-          │                            ▲  │                │  │                  | cancelled
-          │ files_invalid              │  │ cancel         │  └─ release / release_stale ─┐
-          ▼                            │  ▼                │     (policy table below)      │
-        failed              cancelled ◀┘ cancelled         └───────────────▶ queued ◀──────┘
+    validating_files ──files_valid──▶ queued ──claim──▶ running ──finish──▶ succeeded
+        │      │                       ▲ │ ▲              │ │ │             | failed
+        │      └─files_invalid─▶ failed│ │ └──release─────┘ │ │             | cancelled
+        │                              │ │  (policy table)  │ │
+        │   pause (at once)            │ ▼ pause            │ └─ paused() (a requested pause,
+        └──(files_valid, if asked)─▶ paused ◀───────────────┘    after a checkpoint)
+                                       │ resume → queued; cancel → cancelled
 
 A worker *claims* a queued job by moving it to ``running`` and bumping ``attempt``; ``attempt``
 is then its fencing token. Every later write of that worker is
@@ -20,19 +22,24 @@ Duplicate broker deliveries are harmless because only one claim can win.
 **Ending an attempt without finishing** (a worker gives the job back, or the sweeper finds its
 heartbeat expired) is decided by :func:`after_release`, one policy for both, in this order:
 
-====  ==========================  =====================================  ===============
-rank  when                        why                                    the job becomes
-====  ==========================  =====================================  ===============
-1     a cancel was requested      the user's explicit word ends the job  ``cancelled``
-2     failures reach max_attempts  retrying again would not help          ``failed``
-3     preempted (no failure)      the node went away, not the job        ``queued`` now
-4     otherwise (a failure)       transient: OOM, I/O, a lost worker     ``queued`` after
-                                                                         a backoff
-====  ==========================  =====================================  ===============
+====  ===========================  =====================================  ===============
+rank  when                         why                                    the job becomes
+====  ===========================  =====================================  ===============
+1     a cancel was requested       the user's explicit word ends the job  ``cancelled``
+2     a pause was requested        the user asked it to stop for now      ``paused``
+3     failures reach max_attempts  retrying again would not help          ``failed``
+4     preempted (no failure)       the node went away, not the job        ``queued`` now
+5     otherwise (a failure)        transient: OOM, I/O, a lost worker     ``queued`` after
+                                                                          a backoff
+====  ===========================  =====================================  ===============
 
-A preemption never counts as a failure, so rank 2 applies only to failures. A cancel of a job
-that is not running (``validating_files`` or ``queued``) takes effect at once; of a running
-job it is a request the worker honours at its next step (or rank 1 above, if it dies first).
+A preemption never counts as a failure, so rank 3 applies only to failures; a failure still
+counts under ranks 1 and 2. A cancel of a job nobody trains (``validating_files``, ``queued``,
+``paused``) takes effect at once; of a running job it is a request the worker honours at its
+next step (or rank 1 above, if it dies first). A pause of a queued job is immediate; of a
+``validating_files`` job it applies once the files pass; of a running job it is a request: the
+worker saves a checkpoint and the job becomes ``paused`` (:func:`paused`). ``resume`` queues a
+paused job again, and it continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from typing import Any
 from sqlalchemy import Update, func, select, update
 from sqlalchemy.orm import Session, aliased
 
+from shared import metrics as prometheus
+from shared import outbox
 from shared.db import RUNNING_LOCK, execute_count, lock_project, session_scope
 from shared.events import add_event
 from shared.ids import now
@@ -61,6 +70,7 @@ class JobStatus(StrEnum):
     VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -70,10 +80,34 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 #: Statuses of a job that waits for a worker (they count against the queue limit).
 WAITING = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
+#: Statuses a cancel ends at once: nobody trains the job.
+IDLE = (*WAITING, JobStatus.PAUSED)
 
 
 class LeaseLost(Exception):
     """This worker's write matched no row: another attempt owns the job now, or it ended."""
+
+
+#: The webhook event each status a transition reaches sends (OpenAI's names, plus ``paused``).
+WEBHOOK_EVENTS = {
+    JobStatus.SUCCEEDED: "fine_tuning.job.succeeded",
+    JobStatus.FAILED: "fine_tuning.job.failed",
+    JobStatus.CANCELLED: "fine_tuning.job.cancelled",
+    JobStatus.PAUSED: "fine_tuning.job.paused",
+}
+
+
+def _reached(session: Session, job_id: str, status: JobStatus) -> None:
+    """What every transition does on reaching ``status``, in its own transaction: record the
+    webhook event, so that an event is sent if and only if the change is committed; and
+    observe the duration of a job that ended (:mod:`shared.metrics`)."""
+    event = WEBHOOK_EVENTS.get(status)
+    if event is not None:
+        outbox.record(session, job_id, event)
+    if status in TERMINAL:
+        created = session.scalar(select(Job.created_at).where(Job.id == job_id))
+        if created is not None:
+            prometheus.job_finished(status, time.time() - created)
 
 
 # --------------------------------------------------------------------------- the policy
@@ -88,11 +122,13 @@ class Release:
 
 
 def after_release(*, cancel_requested: bool, failures: int, count_failure: bool,
-                  max_attempts: int, backoff_seconds: float) -> Release:
+                  max_attempts: int, backoff_seconds: float,
+                  pause_requested: bool = False) -> Release:
     """The policy table of this module's docstring, as a pure function.
 
     Args:
         cancel_requested: the user asked to cancel the job.
+        pause_requested: the user asked to pause the job.
         failures: failed attempts so far, not counting this one.
         count_failure: this attempt ended badly (``False`` for a preemption).
         max_attempts: the operator's limit on failed attempts.
@@ -101,6 +137,8 @@ def after_release(*, cancel_requested: bool, failures: int, count_failure: bool,
     total = failures + (1 if count_failure else 0)
     if cancel_requested:
         return Release(JobStatus.CANCELLED, total, 0.0, "cancel requested")
+    if pause_requested:
+        return Release(JobStatus.PAUSED, total, 0.0, "pause requested")
     if count_failure and total >= max_attempts:
         return Release(JobStatus.FAILED, total, 0.0, "max attempts")
     if not count_failure:
@@ -112,6 +150,13 @@ def after_release(*, cancel_requested: bool, failures: int, count_failure: bool,
 def files_valid(session: Session, job_id: str, spec: dict[str, Any]) -> bool:
     """``validating_files`` → ``queued``, with the spec completed by the check; ``False`` if the
     job left ``validating_files`` meanwhile (cancelled, or another checker was first)."""
+    paused = execute_count(session, update(Job).where(
+        Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES, Job.pause_requested,
+    ).values(status=JobStatus.PAUSED, spec=spec, pause_requested=False))
+    if paused:
+        add_event(session, job_id, "Files validated; job paused as requested")
+        _reached(session, job_id, JobStatus.PAUSED)
+        return True
     won = execute_count(session, update(Job).where(
         Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES,
     ).values(status=JobStatus.QUEUED, spec=spec, enqueued_at=None))
@@ -127,21 +172,54 @@ def files_invalid(session: Session, job_id: str, error: dict[str, Any]) -> bool:
     ).values(status=JobStatus.FAILED, finished_at=now(), error=error))
     if won:
         add_event(session, job_id, f"Job failed: {error['message']}", level="error")
+        _reached(session, job_id, JobStatus.FAILED)
     return bool(won)
 
 
 # --------------------------------------------------------------------------- cancel
 def cancel(session: Session, job: Job) -> bool:
-    """Cancel ``job`` (read in ``session``). A waiting job is cancelled at once (``True``); a
-    running one gets a request that its worker honours at its next step (``False``)."""
+    """Cancel ``job`` (read in ``session``). A job nobody trains is cancelled at once
+    (``True``); a running one gets a request that its worker honours at its next step
+    (``False``)."""
     done = execute_count(session, update(Job).where(
-        Job.id == job.id, Job.status.in_(WAITING), Job.attempt == job.attempt,
+        Job.id == job.id, Job.status.in_(IDLE), Job.attempt == job.attempt,
     ).values(status=JobStatus.CANCELLED, finished_at=now(), cancel_requested=True))
     if done:
         add_event(session, job.id, "Job cancelled")
+        _reached(session, job.id, JobStatus.CANCELLED)
     else:
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
         add_event(session, job.id, "Cancellation requested; the job stops at its next step")
+    return bool(done)
+
+
+# --------------------------------------------------------------------------- pause, resume
+def pause(session: Session, job: Job) -> bool:
+    """Pause ``job`` (read in ``session``): a queued job at once (``True``); a running or
+    validating one gets a request (``False``): its worker saves a checkpoint first, or its
+    file check ends in ``paused``. The caller has checked the status is one of those."""
+    done = execute_count(session, update(Job).where(
+        Job.id == job.id, Job.status == JobStatus.QUEUED, Job.attempt == job.attempt,
+    ).values(status=JobStatus.PAUSED, enqueued_at=None))
+    if done:
+        add_event(session, job.id, "Job paused")
+        _reached(session, job.id, JobStatus.PAUSED)
+    else:
+        session.execute(update(Job).where(Job.id == job.id).values(pause_requested=True))
+        add_event(session, job.id, "Pause requested; the job saves a checkpoint and pauses")
+    return bool(done)
+
+
+def resume(session: Session, job: Job) -> bool:
+    """``paused`` → ``queued``; ``False`` if the job was not paused (any more). The caller
+    commits, then sends the job to the broker (or leaves it to the sweeper)."""
+    done = execute_count(session, update(Job).where(
+        Job.id == job.id, Job.status == JobStatus.PAUSED,
+    ).values(status=JobStatus.QUEUED, pause_requested=False, not_before=None,
+             enqueued_at=None))
+    if done:
+        step = f" from checkpoint-{job.last_good_step}" if job.last_good_step else ""
+        add_event(session, job.id, f"Job resumed; it continues{step}")
     return bool(done)
 
 
@@ -215,6 +293,7 @@ def claim(job_id: str, worker: str) -> Claim | None:
         if job.last_good_checkpoint:
             msg += f", resuming from checkpoint-{job.last_good_step}"
         add_event(s, job_id, msg, data={"attempt": new_attempt, "worker": worker})
+        prometheus.attempt_started()
         return Claim(job_id, new_attempt, worker, dict(job.spec), job.model,
                      job.last_good_checkpoint, job.last_good_step, job.failures, job.project,
                      job.suffix)
@@ -225,6 +304,7 @@ def claim(job_id: str, worker: str) -> Claim | None:
 class Beat:
     alive: bool
     cancel_requested: bool
+    pause_requested: bool = False
 
 
 def heartbeat(job_id: str, attempt: int) -> Beat:
@@ -237,8 +317,10 @@ def heartbeat(job_id: str, attempt: int) -> Beat:
             .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
             .values(last_seen_at=t)
         )
-        cancel = bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-    return Beat(alive, cancel)
+        flags = s.execute(select(Job.cancel_requested, Job.pause_requested)
+                          .where(Job.id == job_id)).one_or_none()
+    cancel, pause_ = (bool(flags[0]), bool(flags[1])) if flags else (False, False)
+    return Beat(alive, cancel, pause_)
 
 
 def progress(job_id: str, attempt: int, *, event: str | None = None,
@@ -266,6 +348,8 @@ def _fenced_write(job_id: str, attempt: int, *, event: str | None, event_type: s
             raise LeaseLost(f"{job_id} attempt {attempt} no longer holds the lease")
         if event:
             add_event(s, job_id, event, level=level, type=event_type, data=event_data)
+        if "status" in values:
+            _reached(s, job_id, values["status"])
 
 
 def record_checkpoint(job_id: str, attempt: int, step: int, rel_path: str,
@@ -292,6 +376,8 @@ def record_checkpoint(job_id: str, attempt: int, step: int, rel_path: str,
                          path=rel_path, metrics=metrics, attempt=attempt))
         add_event(s, job_id, f"Checkpoint saved at step {step}", type="metrics",
                   data={"step": step, **metrics})
+        outbox.record(s, job_id, "fine_tuning.job.checkpoint.created",
+                      {"checkpoint_id": ckpt_id, "step_number": step})
     return ckpt_id
 
 
@@ -330,11 +416,21 @@ def finish(job_id: str, attempt: int, status: JobStatus, *, message: str,
     return True
 
 
+def paused(job_id: str, attempt: int, *, step: int | None) -> JobStatus | None:
+    """A worker that honoured a pause request (its checkpoint is saved) gives the job back:
+    :func:`release` without counting a failure; the policy table makes it ``paused`` (or
+    ``cancelled``, if a cancel came too)."""
+    return release(job_id, attempt, reason="Paused as requested; checkpoint saved",
+                   count_failure=False, step=step)
+
+
 # --------------------------------------------------------------------------- release
 def _release_values(decision: Release, *, code: str, message: str) -> dict[str, Any]:
     """The job fields that :func:`after_release`'s decision writes."""
     if decision.status == JobStatus.CANCELLED:
         return {"finished_at": now()}
+    if decision.status == JobStatus.PAUSED:
+        return {"pause_requested": False}
     if decision.status == JobStatus.FAILED:
         return {"finished_at": now(), "error": {"code": code, "param": None, "message": message}}
     delay = decision.backoff_seconds
@@ -356,6 +452,7 @@ def release(job_id: str, attempt: int, *, reason: str, count_failure: bool,
             return None
         decision = after_release(cancel_requested=job.cancel_requested, failures=job.failures,
                                  count_failure=count_failure,
+                                 pause_requested=job.pause_requested,
                                  max_attempts=settings.max_attempts,
                                  backoff_seconds=settings.retry_backoff_seconds)
         values = _release_values(
@@ -369,8 +466,12 @@ def release(job_id: str, attempt: int, *, reason: str, count_failure: bool,
         if not won:
             return None
         where = f" at step {step}" if step is not None else ""
+        _reached(s, job_id, decision.status)
+        if decision.status == JobStatus.QUEUED:
+            prometheus.requeued("preempted" if decision.reason == "preempted" else "failure")
         add_event(s, job_id, f"{reason}{where}; job {decision.status}",
-                  level="error" if decision.status == JobStatus.FAILED else "warn",
+                  level={JobStatus.FAILED: "error", JobStatus.PAUSED: "info"}.get(
+                      decision.status, "warn"),
                   data={"attempt": attempt, "step": step, "failures": decision.failures})
     end_attempt(job_id, attempt,
                 "released" if decision.status == JobStatus.QUEUED else decision.status)
@@ -382,7 +483,10 @@ def release(job_id: str, attempt: int, *, reason: str, count_failure: bool,
 def preempt(job_id: str, attempt: int, *, reason: str, step: int | None) -> JobStatus | None:
     """A worker that is shutting down gives its running job back after saving a checkpoint:
     :func:`release` without counting a failure (rank 3 of the policy table, unless rank 1)."""
-    return release(job_id, attempt, reason=reason, count_failure=False, step=step)
+    status = release(job_id, attempt, reason=reason, count_failure=False, step=step)
+    if status is not None:
+        prometheus.preempted()
+    return status
 
 
 def release_stale(job: Job, reason: str, step: int | None) -> JobStatus | None:
@@ -393,7 +497,8 @@ def release_stale(job: Job, reason: str, step: int | None) -> JobStatus | None:
     settings = get_settings()
     with session_scope() as s:
         decision = after_release(cancel_requested=job.cancel_requested, failures=job.failures,
-                                 count_failure=True, max_attempts=settings.max_attempts,
+                                 count_failure=True, pause_requested=job.pause_requested,
+                                 max_attempts=settings.max_attempts,
                                  backoff_seconds=settings.retry_backoff_seconds)
         values = _release_values(
             decision, code="worker_lost",
@@ -411,6 +516,10 @@ def release_stale(job: Job, reason: str, step: int | None) -> JobStatus | None:
         at = f" at step {step}" if step is not None else ""
         level = {JobStatus.CANCELLED: "info", JobStatus.FAILED: "error"}.get(decision.status,
                                                                              "warn")
+        _reached(s, job.id, decision.status)
+        prometheus.lease_lost()
+        if decision.status == JobStatus.QUEUED:
+            prometheus.requeued("lease_lost")
         add_event(s, job.id, reason.replace(" lost", f" lost{at}", 1) + f"; job {decision.status}",
                   level=level,
                   data={"attempt": job.attempt, "step": step, "failures": decision.failures})

@@ -52,6 +52,8 @@ class Job(Base):
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, default=None)
     fine_tuned_model: Mapped[str | None] = mapped_column(Text, default=None)
     adapter_dir: Mapped[str | None] = mapped_column(Text, default=None)
+    # Set when the fine-tuned model is deleted: the job keeps its name, the files are gone.
+    fine_tuned_model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, default=None)
@@ -59,6 +61,10 @@ class Job(Base):
     trainable_parameters: Mapped[int | None] = mapped_column(BigInteger, default=None)
     total_parameters: Mapped[int | None] = mapped_column(BigInteger, default=None)
     dataset_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Ids of the files the job produced (its per-step metrics, purpose fine-tune-results).
+    result_files: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    # Base vs fine-tuned scores on the validation records (shared.schemas.Evaluation as JSON).
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     # --- lifecycle: lease, fencing, retries ---------------------------------------------
     # ``attempt`` is the fencing token: each claim bumps it, and every write a worker makes is
@@ -70,6 +76,7 @@ class Job(Base):
     not_before: Mapped[float | None] = mapped_column(Float, default=None)  # retry backoff
     enqueued_at: Mapped[float | None] = mapped_column(Float, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     last_good_checkpoint: Mapped[str | None] = mapped_column(Text, default=None)
     last_good_step: Mapped[int | None] = mapped_column(Integer, default=None)
     resumed_from_step: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -132,3 +139,50 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     revoked_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class WebhookEndpoint(Base):
+    """A project's webhook receiver: where its jobs' events are sent, and the signing secret."""
+
+    __tablename__ = "webhook_endpoints"
+
+    seq: Mapped[int] = mapped_column(SeqKey, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(256), default="")
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[Any]] = mapped_column(default=list)
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_<base64>: needed to sign
+    # After a rotation that keeps the old secret: sends carry both signatures until then.
+    previous_secret: Mapped[str | None] = mapped_column(String(128), default=None)
+    previous_secret_until: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction of the change it
+    reports and sent (again) until the receiver answers 2xx or the attempts run out."""
+
+    __tablename__ = "webhook_deliveries"
+
+    seq: Mapped[int] = mapped_column(SeqKey, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))  # evt_…, the webhook-id of every send
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # Bumped by each claim: the fencing token of the sender that holds the row.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_event", "endpoint_id", "event_id", unique=True),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )

@@ -56,6 +56,30 @@ class Method(Strict):
     supervised: SupervisedMethod | None = None
 
 
+class WandbIntegration(Strict):
+    """Where a job's run goes in Weights & Biases (OpenAI's ``integrations[].wandb``)."""
+
+    project: str = Field(..., min_length=1, max_length=128)
+    name: str | None = Field(None, max_length=128)
+    entity: str | None = Field(None, max_length=128)
+    tags: list[str] | None = Field(None, max_length=50)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str] | None) -> list[str] | None:
+        for tag in v or []:
+            if not tag or len(tag) > 64:
+                raise ValueError("tags are 1-64 characters")
+        return v
+
+
+class Integration(Strict):
+    """One of a job's integrations; ``wandb`` is the one there is (as at OpenAI)."""
+
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
 class JobCreate(Strict):
     """``POST /v1/fine_tuning/jobs``. OpenAI's fields, then lorafleet's extensions."""
 
@@ -67,7 +91,7 @@ class JobCreate(Strict):
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = Field(None, max_length=16)
-    integrations: list[Any] | None = Field(None, max_length=0)
+    integrations: list[Integration] | None = Field(None, max_length=1)
 
     # --- extensions -----------------------------------------------------------------
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -77,6 +101,14 @@ class JobCreate(Strict):
     n_epochs: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        le=1_048_576,
+        description="Fill each batch with examples up to this many tokens instead of a fixed "
+        "count (needs packing; at least max_length). Unset, with batch_size unset too: 16384 "
+        "on a GPU worker, batches of 4 examples on a CPU worker.",
+    )
     learning_rate: float | None = Field(None, gt=0, le=1)
     warmup: float = Field(
         0, ge=0, description="Warm-up: a fraction of the steps if < 1, else a step count."
@@ -101,6 +133,20 @@ class JobCreate(Strict):
     )
     column_map: dict[str, str] | None = Field(
         None, description="Our column name → yours, e.g. {'dialogue': 'conversation'}."
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Stop once this many evaluations in a row (one per checkpoint) did not "
+        "lower the best validation loss; the job delivers the best checkpoint's adapter. "
+        "Needs a validation_file.",
+    )
+    early_stopping_threshold: float | None = Field(
+        None,
+        ge=0,
+        description="The least decrease of the validation loss that counts as an improvement "
+        "(default 0). Needs early_stopping_patience.",
     )
 
     @field_validator("metadata")
@@ -155,8 +201,17 @@ class TrainingSpec(BaseModel):
     packing: bool
     seed: int
     # Defaulted, so that specs stored before these options existed still validate.
+    # "auto": the worker's default (a token budget on CUDA, batch_size elsewhere).
+    max_tokens_per_batch: int | Literal["auto"] | None = None
     gradient_checkpointing: bool = False
     quantization: Literal["4bit"] | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
+    integrations: list[Integration] = Field(default_factory=list)
+    # Continued training: the fine-tuned model or checkpoint the job starts from, as the
+    # request named it, and its adapter's folder relative to the storage folder.
+    initial_model: str | None = None
+    initial_adapter: str | None = None
 
 
 # --------------------------------------------------------------------------- responses
@@ -207,6 +262,27 @@ class DatasetStats(BaseModel):
     validation_examples: int | None = None
 
 
+class EvaluationScores(BaseModel):
+    """One model's scores on a job's validation records (means over the examples)."""
+
+    rouge1: float = Field(description="ROUGE-1 F1 (stemmed) against the record's response.")
+    rouge2: float = Field(description="ROUGE-2 F1 (stemmed).")
+    rougeL: float = Field(description="ROUGE-L F1 (stemmed).")
+    exact_match: float = Field(
+        description="Share of answers equal to the response, whitespace aside.")
+
+
+class Evaluation(BaseModel):
+    """The quality card of a job with a validation file: the base model and the fine-tuned
+    model, each given the first validation records' prompts in the job's prompt format and
+    decoding greedily."""
+
+    base: EvaluationScores
+    fine_tuned: EvaluationScores
+    examples: int = Field(description="Validation records scored.")
+    max_new_tokens: int = Field(description="The most tokens generated per answer.")
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -226,7 +302,7 @@ class JobPublic(BaseModel):
     estimated_finish: int | None = None
     metadata: dict[str, str] | None = None
     error: ErrorInfo | None = None
-    integrations: list[Any] = Field(default_factory=list)
+    integrations: list[Integration] = Field(default_factory=list)
     user_provided_suffix: str | None = None
     # extensions
     lora: LoraSpec
@@ -236,11 +312,14 @@ class JobPublic(BaseModel):
     n_epochs: float | None = None
     batch_size: int
     gradient_accumulation_steps: int
+    max_tokens_per_batch: int | Literal["auto"] | None = None
     learning_rate: float
     train_on_inputs: bool
     packing: bool
     gradient_checkpointing: bool = False
     quantization: Literal["4bit"] | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float | None = None
     progress: Progress | None = None
     trainable_parameters: int | None = None
     total_parameters: int | None = None
@@ -249,6 +328,14 @@ class JobPublic(BaseModel):
     resumed_from_step: int | None = None
     last_good_checkpoint_step: int | None = None
     adapter_path: str | None = None
+    initial_model: str | None = Field(
+        None, description="The fine-tuned model or checkpoint this job continued training from.")
+    fine_tuned_model_deleted_at: int | None = Field(
+        None, description="When the fine-tuned model was deleted (its name stays, its files "
+        "are gone).")
+    evaluation: Evaluation | None = Field(
+        None, description="Base vs fine-tuned scores on the validation records, once the job "
+        "succeeded (jobs with a validation file).")
 
 
 class JobsPublic(BaseModel):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The ranks vLLM's --max-lora-rank accepts.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class Settings(BaseSettings):
@@ -121,9 +125,70 @@ class Settings(BaseSettings):
     preempt_grace_seconds: float = Field(
         60.0, gt=0, description="On SIGTERM, time allowed to write a checkpoint before exit."
     )
+    wandb_mode: Literal["auto", "offline", "disabled"] = Field(
+        "auto",
+        description="Weights & Biases for jobs that ask for it (integrations: wandb). 'auto': "
+        "online where W&B has an API key and answers, else W&B's offline mode (a run folder "
+        "under the job's storage, for `wandb sync`); 'offline': never try the network; "
+        "'disabled': ignore the integration (the job says so).",
+    )
+
+    # --- webhooks ------------------------------------------------------------------------
+    webhook_max_attempts: int = Field(
+        16, ge=1, description="Sends of one webhook event before its delivery is marked failed."
+    )
+    webhook_backoff_seconds: float = Field(
+        10.0, gt=0, description="Delay before the second send of an event; doubles after each."
+    )
+    webhook_max_backoff_seconds: float = Field(
+        3600.0, gt=0, description="Longest delay between two sends of an event."
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a receiver may take to answer one send."
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the API and each worker look for events to send."
+    )
+    webhook_allow_private_targets: bool = Field(
+        False,
+        description="Allow webhook URLs on loopback, private, link-local and cloud metadata "
+        "addresses (refused by default: an API key must not reach the operator's network).",
+    )
+
+    # --- metrics (Prometheus) ----------------------------------------------------------
+    metrics_token: str = Field(
+        "",
+        description="Bearer token that GET /metrics on the API requires. Empty: /metrics "
+        "answers whoever reaches the API's port; it names every project's models, so set a "
+        "token (or block /metrics at the proxy) where that port is public.",
+    )
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of each worker's own /metrics. Unset: none. Several workers on one "
+        "host need one port each; 0 picks a free port and logs it.",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Interface a worker's /metrics listens on."
+    )
 
     # --- training defaults ---------------------------------------------------------------
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    device: str = Field(
+        "auto",
+        description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'. A worker given 'cuda:N' sees that "
+        "GPU alone (one job, one GPU); a GPU the node lacks stops it at start-up.",
+    )
+    eval_max_examples: int = Field(
+        20,
+        ge=0,
+        description="After a job with a validation file succeeds, the base and the fine-tuned "
+        "model answer this many of its first validation records (greedy) and the job gets "
+        "their ROUGE and exact-match scores (`evaluation`). 0: no evaluation.",
+    )
+    eval_max_new_tokens: int = Field(
+        64, ge=1, description="The most tokens each answer of that evaluation may have."
+    )
 
     # --- inference engine (`lorafleet serve`) --------------------------------------------
     engine_url: str = Field(
@@ -172,6 +237,68 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(
         256, ge=1, description="max_tokens of a request that sets none (capped by the context)."
     )
+
+    # --- vLLM, the engine's generation backend -----------------------------------------------
+    engine_backend: Literal["auto", "vllm", "builtin"] = Field(
+        "auto",
+        description="What generates for `lorafleet serve`: 'vllm' (vLLM OpenAI servers, one "
+        "per base model), 'builtin' (peft on this process), 'auto': vLLM when a vLLM Python "
+        "(vllm_python) or servers (vllm_servers) are there, else the built-in engine.",
+    )
+    vllm_python: str = Field(
+        "",
+        description="The Python of an environment with vLLM installed (`make venv-vllm`). "
+        "Empty: .venv-vllm/bin/python under the current folder, if it exists.",
+    )
+    vllm_servers: dict[str, str] = Field(
+        {},  # pydantic copies it for each instance
+        description='vLLM servers started by someone else, as JSON {"<base model>": "<url>"}: '
+        "used instead of starting one. They must run with --enable-lora, "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and see the storage folder at the same path.",
+    )
+    vllm_max_servers: int = Field(
+        2, ge=1, description="Most vLLM servers (base models) running at once; starting one "
+        "more stops the least recently used idle one."
+    )
+    vllm_idle_seconds: float = Field(
+        900.0, gt=0, description="A vLLM server that served nothing for this long is stopped."
+    )
+    vllm_startup_seconds: float = Field(
+        600.0, gt=0, description="How long a starting vLLM server may take to answer /health."
+    )
+    vllm_max_loras: int = Field(
+        8, ge=1, description="vLLM --max-loras: adapters in one batch (memory per slot)."
+    )
+    vllm_max_cpu_loras: int = Field(
+        32, ge=1, description="vLLM --max-cpu-loras: adapters kept loaded in host memory."
+    )
+    vllm_max_lora_rank: int = Field(
+        64,
+        description="vLLM --max-lora-rank (1, 8, 16, 32, 64, 128, 256, 320 or 512): adapters "
+        "of a higher rank are refused. Memory per adapter slot grows with it.",
+    )
+    vllm_max_model_len: int = Field(
+        4096, ge=16, description="Longest sequence a vLLM server takes (capped by the model's "
+        "own context): sizes its KV cache."
+    )
+    vllm_kv_cache_gib: int = Field(
+        1, ge=1,
+        description="KV cache of a vLLM server on the CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).",
+    )
+    parity_check: Literal["strict", "warn", "off"] = Field(
+        "strict",
+        description="An adapter whose vLLM output differs from the probe recorded with peft "
+        "when it was trained: 'strict' refuses it (422 adapter_parity_failed), 'warn' serves "
+        "it and logs, 'off' skips the check.",
+    )
+
+    @field_validator("vllm_max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's "
+                             "choices)")
+        return v
 
     @computed_field  # type: ignore[prop-decorator]
     @property

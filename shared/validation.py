@@ -79,10 +79,7 @@ _ONE_AT_A_TIME = threading.Lock()
 
 
 def validate_and_send(job_id: str) -> JobStatus | None:
-    """:func:`check_job_files`, then wake a worker for a job it queued. If the broker is down
-    the job stays ``queued`` and the sweeper sends it once the broker is back."""
-    from shared.queue import enqueue_job
-
+    """:func:`check_job_files`, then wake a worker for a job it queued."""
     try:
         with _ONE_AT_A_TIME:
             status = check_job_files(job_id)
@@ -90,13 +87,20 @@ def validate_and_send(job_id: str) -> JobStatus | None:
         log.warning("could not validate the files of %s; the sweeper will", job_id,
                     exc_info=True)
         return None
-    if status != JobStatus.QUEUED:
-        return status
+    if status == JobStatus.QUEUED:
+        send_job(job_id)
+    return status
+
+
+def send_job(job_id: str) -> None:
+    """Wake a worker for a queued job. If the broker is down the job stays ``queued`` and the
+    sweeper sends it once the broker is back."""
+    from shared.queue import enqueue_job
+
     try:
         enqueue_job(job_id)
     except Exception:  # noqa: BLE001 - the sweeper re-sends jobs never enqueued
         log.warning("broker unavailable; %s waits for the sweeper", job_id, exc_info=True)
-        return status
+        return
     with session_scope() as s:
         s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=time.time()))
-    return status

@@ -543,9 +543,13 @@ def test_dockerfile_common(path: Path, pyproject: dict[str, Any]) -> None:
 
 def test_dockerfile_gpu(pyproject: dict[str, Any]) -> None:
     runs = " ".join(dockerfile_values(DOCKERFILE_GPU, "RUN"))
-    assert re.search(r"pip install[^&;]*\.\[worker\]", runs), (
-        "Dockerfile.gpu must install .[worker]"
+    install = re.search(r"pip install[^&;]*\.\[worker,gpu\]", runs)
+    assert install, "Dockerfile.gpu must install .[worker,gpu] (bitsandbytes: QLoRA jobs)"
+    assert re.search(r"(--constraint|-c)[ =]constraints/gpu\.txt", install.group(0)), (
+        "Dockerfile.gpu must install under constraints/gpu.txt"
     )
+    copied = " ".join(dockerfile_values(DOCKERFILE_GPU, "COPY"))
+    assert re.search(r"(^|\s)constraints/?(\s|$)", copied), "Dockerfile.gpu lacks constraints/"
     assert dockerfile_exec(DOCKERFILE_GPU, "CMD") == ["worker"]
     image = final_base_image(DOCKERFILE_GPU)
     name, _, tag = image.partition(":")
@@ -554,7 +558,12 @@ def test_dockerfile_gpu(pyproject: dict[str, Any]) -> None:
     assert tag and tag != "latest", "pin the base image tag"
     base_torch = re.match(r"\d+\.\d+(\.\d+)?", tag)
     if base_torch and name.endswith("pytorch/pytorch"):
-        # The image's torch must satisfy the worker extra's range, or pip would replace it.
+        # The image's torch is the pinned one, and in the worker extra's range: else pip
+        # would replace it (and the build refuses to).
+        assert base_torch.group(0) == gpu_pins()["torch"], (
+            f"base torch {base_torch.group(0)} is not constraints/gpu.txt's "
+            f"torch=={gpu_pins()['torch']}"
+        )
         spec = next(
             d
             for d in pyproject["project"]["optional-dependencies"]["worker"]
@@ -564,6 +573,92 @@ def test_dockerfile_gpu(pyproject: dict[str, Any]) -> None:
         assert specifiers.SpecifierSet(spec[len("torch") :]).contains(base_torch.group(0)), (
             f"base torch {base_torch.group(0)} does not satisfy `{spec}`: pip would replace it"
         )
+
+
+# --- the GPU image's constraints ------------------------------------------------------------
+#
+# Checked without an index, in milliseconds: every pin is exact and within pyproject's ranges,
+# and the virtual environment the tests run in holds exactly the pinned versions (the Makefile
+# installs it under these constraints, so pip's resolver has already resolved them together
+# with all of lorafleet's other dependencies there); their requirements of each other hold.
+# Only bitsandbytes is not installed there (CUDA workers only): its pin is checked against the
+# gpu extra. Resolving the whole image for another platform would take pip minutes and the
+# network: `pip install --dry-run --ignore-installed -c constraints/gpu.txt ".[worker,gpu]"`.
+
+GPU_CONSTRAINTS = ROOT / "constraints" / "gpu.txt"
+PINNED = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
+GPU_ONLY = {"bitsandbytes"}
+
+
+def gpu_pins() -> dict[str, str]:
+    """constraints/gpu.txt as {canonical name: version}; every line must be ``name==version``."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in GPU_CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and not req.extras and req.marker is None, (
+            f"constraints/gpu.txt: `{line}` is not an exact pin"
+        )
+        name = canonicalize_name(req.name)
+        assert name not in pins, f"constraints/gpu.txt pins {name} twice"
+        pins[name] = spec.version
+    return pins
+
+
+def test_gpu_constraints_pin_the_training_stack_within_pyproject(
+    pyproject: dict[str, Any],
+) -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = gpu_pins()
+    assert set(PINNED) <= pins.keys(), f"constraints/gpu.txt lacks {set(PINNED) - pins.keys()}"
+    project = pyproject["project"]
+    extras = project["optional-dependencies"]
+    for line in [*project["dependencies"], *extras["worker"], *extras["gpu"]]:
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        if name in pins:
+            assert req.specifier.contains(pins[name], prereleases=True), (
+                f"constraints/gpu.txt pins {name}=={pins[name]}, outside pyproject's `{line}`"
+            )
+    assert {canonicalize_name(Requirement(d).name) for d in extras["gpu"]} <= pins.keys()
+
+
+def test_gpu_constraints_are_the_versions_the_tests_run_with() -> None:
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = gpu_pins()
+    for name, pinned in pins.items():
+        if name in GPU_ONLY:
+            continue
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            pytest.fail(f"{name} (pinned in constraints/gpu.txt) is not installed: make venv")
+        assert installed.split("+")[0] == pinned, (
+            f"the tests run with {name} {installed}, constraints/gpu.txt pins {pinned}: "
+            "update the pin with the tests (make venv installs under it)"
+        )
+        env = {**default_environment(), "extra": ""}
+        for line in requires(name) or []:
+            req = Requirement(line)
+            other = canonicalize_name(req.name)
+            if other in pins and (req.marker is None or req.marker.evaluate(env)):
+                assert req.specifier.contains(pins[other], prereleases=True), (
+                    f"{name}=={pinned} requires `{line}`, constraints/gpu.txt pins "
+                    f"{other}=={pins[other]}"
+                )
 
 
 def test_dockerfile_api_has_no_training_stack(pyproject: dict[str, Any]) -> None:
@@ -590,3 +685,156 @@ def test_dockerignore_excludes_local_state() -> None:
     # The build copies these: they must not be ignored.
     for kept in ("pyproject.toml", "shared", "api", "worker", "cli", "migrations"):
         assert kept not in entries, f".dockerignore excludes {kept}, which the images need"
+
+
+# --------------------------------------------------------------------------------------------
+# monitoring: Prometheus and Grafana, the optional `monitoring` profile
+# --------------------------------------------------------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus.yml"
+GRAFANA_DIR = DEPLOY / "grafana"
+MONITORING = ("prometheus", "grafana")
+# Labels Prometheus adds to every series (or histogram_quantile needs): not the code's.
+TARGET_LABELS = {"instance", "job", "le"}
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """{container path: file or folder of this repository} of a service's bind mounts."""
+    mounts = {}
+    for spec in service.get("volumes", []) or []:
+        source, target = parse_volume(spec)
+        if source.startswith(("./", "../", "/")):
+            mounts[target.rstrip("/")] = (ROOT / source).resolve()
+    return mounts
+
+
+def repo_file(service: dict[str, Any], container_path: str) -> Path:
+    """The file of this repository that a service sees at ``container_path``."""
+    for target, source in bind_mounts(service).items():
+        if container_path == target or container_path.startswith(target + "/"):
+            return source / container_path[len(target):].lstrip("/")
+    pytest.fail(f"nothing of this repository is mounted at {container_path}")
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """{sample name: label names} of every metric the API and the workers export."""
+    import api.metrics
+    import worker.metrics
+    from shared import metrics as shared_metrics
+
+    # The API's metric objects and collectors are module globals.
+    collectors: list[Any] = [v for v in vars(api.metrics).values() if type(v).__module__ in (
+        "prometheus_client.metrics", "api.metrics")]
+    collectors += [*vars(shared_metrics.job_metrics()).values(),
+                   *vars(worker.metrics.training_metrics()).values()]
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+                "histogram": ("_bucket", "_count", "_sum", "_created")}
+    names: dict[str, set[str]] = {}
+    for collector in collectors:
+        labels = set(getattr(collector, "_labelnames", ()))
+        for family in collector.describe():
+            labels |= set(getattr(family, "_labelnames", ()))
+            for suffix in suffixes[family.type]:
+                names[family.name + suffix] = labels
+    return names
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of a dashboard, rows' panels included."""
+    queries = []
+    panels = list(dashboard.get("panels", []))
+    while panels:
+        panel = panels.pop()
+        panels.extend(panel.get("panels", []))
+        queries += [(panel.get("title", ""), t["expr"]) for t in panel.get("targets", [])
+                    if t.get("expr")]
+    return queries
+
+
+def dashboard_files() -> list[Path]:
+    return sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
+
+
+def test_monitoring_is_an_optional_profile(services: dict[str, dict[str, Any]]) -> None:
+    for name in MONITORING:
+        assert services[name].get("profiles") == ["monitoring"], name
+        for spec in services[name].get("ports", []) or []:
+            assert str(spec).startswith("127.0.0.1:"), f"{name} publishes {spec} beyond loopback"
+    for name in REQUIRED_SERVICES:  # a plain `docker compose up` still starts lorafleet
+        assert not services[name].get("profiles"), name
+    assert not services["worker"].get("ports"), "worker metrics stay on the compose network"
+
+
+def test_prometheus_scrapes_the_api_and_every_worker(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    prometheus = services["prometheus"]
+    flags = dict(a.split("=", 1) for a in as_argv(prometheus.get("command")) if "=" in a)
+    config_path = repo_file(prometheus, flags["--config.file"])
+    assert config_path == PROMETHEUS_CONFIG.resolve()
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+
+    from api.main import create_app
+
+    api_env = as_env_dict(services["api"].get("environment"))
+    api_port = int(api_env.get("LORAFLEET_PORT", Settings.model_fields["port"].default))
+    api_job = jobs["lorafleet-api"]
+    assert api_job.get("metrics_path", "/metrics") == create_app().url_path_for("get_metrics")
+    assert [t for c in api_job["static_configs"] for t in c["targets"]] == [f"api:{api_port}"]
+
+    worker_env = as_env_dict(services["worker"].get("environment"))
+    assert worker_env.get("LORAFLEET_WORKER_METRICS_HOST") == "0.0.0.0"
+    worker_port = int(worker_env["LORAFLEET_WORKER_METRICS_PORT"])
+    (discovery,) = jobs["lorafleet-workers"]["dns_sd_configs"]
+    # Docker's DNS answers the service name with the address of every replica.
+    assert discovery["names"] == ["worker"] and discovery.get("type", "SRV") == "A"
+    assert discovery["port"] == worker_port
+
+
+def test_grafana_provisions_prometheus_and_the_dashboards(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    provisioning = repo_file(grafana, "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlsplit(source["url"])
+    assert source["type"] == "prometheus" and url.hostname == "prometheus"
+    assert url.port == 9090 and "--web.listen-address" not in " ".join(
+        as_argv(services["prometheus"].get("command")))
+    (provider,) = yaml.safe_load(
+        (provisioning / "dashboards" / "lorafleet.yml").read_text())["providers"]
+    folder = repo_file(grafana, provider["options"]["path"])
+    assert folder == (GRAFANA_DIR / "dashboards").resolve() and dashboard_files()
+    home = as_env_dict(grafana.get("environment")).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    assert home and repo_file(grafana, home).is_file()
+    for path in dashboard_files():
+        dashboard = json.loads(path.read_text())
+        uids = {t.get("datasource", {}).get("uid") for p in dashboard["panels"]
+                for t in p.get("targets", [])}
+        assert uids <= {source["uid"]}, f"{path.name} queries data sources {uids}"
+
+
+@pytest.mark.parametrize("path", dashboard_files(), ids=lambda p: p.name)
+def test_dashboard_queries_use_the_metrics_and_labels_the_code_exports(path: Path) -> None:
+    exported = exported_metrics()
+    queries = dashboard_queries(json.loads(path.read_text()))
+    used: set[str] = set()
+    for title, expr in queries:
+        names = set(re.findall(r"\blorafleet_[a-z0-9_]+", expr))
+        assert names, f"{title!r} queries no lorafleet metric: {expr}"
+        assert names <= exported.keys(), f"{title!r}: {sorted(names - exported.keys())} unknown"
+        used |= names
+        labels = set().union(*(exported[n] for n in names)) | TARGET_LABELS
+        for name, selector in re.findall(r"\b(lorafleet_[a-z0-9_]+)\{([^}]*)\}", expr):
+            keys = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", selector))
+            assert keys <= exported[name] | TARGET_LABELS, f"{title!r}: {name} has no {keys}"
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            keys = {k.strip() for k in group.split(",") if k.strip()}
+            assert keys <= labels, f"{title!r}: no label {sorted(keys - labels)} in {expr}"
+    # The dashboard shows every metric (by one of its samples).
+    families = {re.sub(r"_(bucket|count|sum|created|total)$", "", n) for n in used}
+    missing = {re.sub(r"_(bucket|count|sum|created|total)$", "", n) for n in exported} - families
+    assert not missing, f"{path.name} shows nothing of {sorted(missing)}"

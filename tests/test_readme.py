@@ -28,8 +28,8 @@ PREFIX = str(Settings.model_config.get("env_prefix", "")).upper()
 # tests directly, or interpolated by docker compose.
 NOT_SETTINGS = {
     "LORAFLEET_API_KEY",
-    "LORAFLEET_GPUS",
-    "LORAFLEET_ENGINE_GPUS",
+    "LORAFLEET_WORKER_GPU_IDS",
+    "LORAFLEET_ENGINE_GPU_IDS",
     "LORAFLEET_TEST_POSTGRES_URL",
     "LORAFLEET_TEST_REDIS_URL",
     "LORAFLEET_DIALOGSUM_DIR",

@@ -21,10 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import LorafleetError
+from worker.checkpoints import COMPLETE_MARKER
 
 SAFE_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# What transformers' Trainer writes into a checkpoint folder besides the adapter.
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
+
+
+def _trainer_state(name: str) -> bool:
+    return name in TRAINER_STATE_FILES or (name.startswith("rng_state") and
+                                           name.endswith(".pth"))
+
+
 # peft stores the wrapped model's parameters under this prefix.
 PEFT_PREFIX = "base_model.model."
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
@@ -61,6 +71,10 @@ def check_adapter(path: str | Path, base_model_config: Any) -> None:
     if not folder.is_dir():
         raise AdapterRejected(f"adapter folder {folder} does not exist")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if (folder / COMPLETE_MARKER).is_file():
+        # A complete checkpoint served as a model: the Trainer's own state files lie beside
+        # the adapter; serving never reads them (only the safetensors weights are loaded).
+        pickles = [name for name in pickles if not _trainer_state(name)]
     if pickles:
         raise AdapterRejected(
             f"adapter folder {folder} holds pickle files ({', '.join(pickles)}); only "

@@ -24,12 +24,18 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from shared import outbox
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
+from worker import devices
+from worker import metrics as worker_metrics
 from worker.sweeper import sweep
 
 log = logging.getLogger(__name__)
 app = get_celery()
+# Before anything starts CUDA: this process and the pool processes it forks see only the GPU
+# that LORAFLEET_DEVICE names (a GPU this node lacks stops the worker here, with the setting).
+devices.pin(get_settings().device)
 IN_PROCESS_POOL = False  # set by ``lorafleet worker --pool solo``
 
 
@@ -43,7 +49,10 @@ def run_job(job_id: str) -> str:
         # This worker is shutting down but still receives messages until its last job ends,
         # among them the wake-up of the job it just gave back: leave it to another worker.
         raise Reject("worker shutting down", requeue=True)
-    return run(job_id)
+    try:
+        return run(job_id)
+    finally:
+        worker_metrics.training_idle()
 
 
 def _preempt(signum: int, _frame: Any) -> None:
@@ -61,6 +70,8 @@ billiard.pool.soft_timeout_sighandler = _preempt
 
 @worker_init.connect
 def _preload(**_: Any) -> None:
+    # Before anything creates a metric: the pool processes this one forks count too.
+    worker_metrics.enable(get_settings())
     # Import the training stack once, before the pool forks: the first pool child and every
     # replacement of a child that died (a crashed job) start training without seconds of imports.
     import worker.runner  # noqa: F401
@@ -79,6 +90,7 @@ def _init_child(**_: Any) -> None:
         db.get_engine().dispose(close=False)
     import worker.runner  # noqa: F401
 
+    worker_metrics.training_idle()  # a crashed predecessor's throughput is not this one's
     log.info("pool process %d ready to train", os.getpid())
 
 
@@ -130,4 +142,13 @@ class Sweeper(threading.Thread):
 
 @worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
-    Sweeper(get_settings().sweep_seconds).start()
+    settings = get_settings()
+    if settings.worker_metrics_port is not None:
+        try:
+            worker_metrics.serve(settings)
+        except OSError as e:
+            log.error("cannot serve worker metrics on %s:%s: %s", settings.worker_metrics_host,
+                      settings.worker_metrics_port, e)
+    Sweeper(settings.sweep_seconds).start()
+    # Webhooks in a thread of their own: a slow receiver must not delay the lease sweep.
+    outbox.Dispatcher(settings.webhook_poll_seconds).start()

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 COMPLETE_MARKER = "lorafleet-complete.json"
@@ -71,13 +72,17 @@ def clean_incomplete(root: Path) -> list[Path]:
     return removed
 
 
-def apply_retention(root: Path, keep: int, protect: Path | None = None) -> list[int]:
-    """Delete all but the newest ``keep`` complete checkpoints; returns the deleted steps."""
+def apply_retention(root: Path, keep: int,
+                    protect: Path | Iterable[Path | None] | None = None) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints, never those in ``protect`` (the
+    one just written, the best one); returns the deleted steps."""
     complete = list_complete(root)
     doomed = complete[:-keep] if keep > 0 else complete
+    kept = {p.resolve() for p in ([protect] if isinstance(protect, Path) else protect or [])
+            if p is not None}
     deleted = []
     for step, path in doomed:
-        if protect is not None and path.resolve() == protect.resolve():
+        if path.resolve() in kept:
             continue
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(step)

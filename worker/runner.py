@@ -13,29 +13,37 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import delete
 from sqlalchemy.exc import OperationalError
 
 from shared import lifecycle, storage
 from shared.db import session_scope
 from shared.errors import InvalidDataset
-from shared.files import get_file, open_content
+from shared.files import get_file, open_content, save_result_file
 from shared.ids import fine_tuned_model_name
 from shared.lifecycle import Claim, JobStatus, LeaseLost
+from shared.models import File
 from shared.schemas import TrainingSpec
 from shared.settings import get_settings
 from worker import checkpoints
+from worker import metrics as worker_metrics
+from worker.evaluation import record_evaluation
 from worker.loading import ModelLoadError, load_tokenizer
 from worker.preprocess import prepare
 from worker.training import (
     CheckpointInfo,
+    EarlyStop,
+    FullValidationMetrics,
     Hooks,
+    Metrics,
     Progress,
+    Result,
     StartInfo,
     StopTraining,
-    TrainMetrics,
-    ValidationMetrics,
     train_adapter,
 )
+from worker.training.results import RESULTS_COLUMNS, results_csv
+from worker.training.wandb_run import WandbRun
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +73,7 @@ class Heartbeat(threading.Thread):
         self.renewed = time.monotonic()  # the claim itself took the lease
         self.lost = threading.Event()
         self.cancel = threading.Event()
+        self.pause = threading.Event()
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -81,6 +90,8 @@ class Heartbeat(threading.Thread):
                 self.lost.set()
             if beat.cancel_requested:
                 self.cancel.set()
+            if beat.pause_requested:
+                self.pause.set()
 
     def expired(self) -> bool:
         """True once the lease was not renewed for longer than this worker may assume it holds."""
@@ -91,7 +102,8 @@ class Heartbeat(threading.Thread):
 
 
 class JobHooks(Hooks):
-    """Training hooks that write to the job row, fenced on this attempt."""
+    """Training hooks that write to the job row, fenced on this attempt, and pass what they
+    hear on to the job's integrations (a W&B run)."""
 
     def __init__(self, claim: Claim, beat: Heartbeat):
         super().__init__()
@@ -99,6 +111,17 @@ class JobHooks(Hooks):
         self.beat = beat
         self.step = 0
         self.ckpt_root = storage.checkpoints_dir(claim.job_id)
+        self.wandb: WandbRun | None = None
+
+    def report(self, level: str, message: str, data: dict[str, Any]) -> None:
+        """An event from an integration; a database hiccup drops it rather than the job."""
+        self.write(best_effort=True, event=message, level=level, event_data=data)
+
+    def close(self, outcome: str) -> None:
+        """The attempt ended with ``outcome``: end the integrations' runs."""
+        if self.wandb is not None:
+            self.wandb.finish(outcome)
+            self.wandb = None
 
     def write(self, *, best_effort: bool = False, **values: Any) -> None:
         """A fenced write to the job row. Progress writes are ``best_effort``: during a short
@@ -131,9 +154,13 @@ class JobHooks(Hooks):
                    f"{info.total_parameters:,} parameters, {info.total_steps} steps"),
             event_data=asdict(info),
         )
+        if self.wandb is not None:
+            self.wandb.on_start(info)
 
     def on_progress(self, progress: Progress) -> None:
         self.step = progress.step
+        worker_metrics.training_progress(self.claim, progress.step, progress.trained_tokens,
+                                         progress.tokens_per_second)
         eta = progress.eta_seconds
         self.write(
             best_effort=True,
@@ -143,12 +170,25 @@ class JobHooks(Hooks):
             estimated_finish=int(time.time() + eta) if eta is not None else None,
         )
 
-    def on_metrics(self, metrics: TrainMetrics | ValidationMetrics) -> None:
+    def on_metrics(self, metrics: Metrics) -> None:
         data = asdict(metrics)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in data.items()
                           if k != "step" and isinstance(v, float))
-        self.write(best_effort=True, event=f"Step {metrics.step}: {shown}",
+        what = ("Full validation at step" if isinstance(metrics, FullValidationMetrics)
+                else "Step")
+        self.write(best_effort=True, event=f"{what} {metrics.step}: {shown}",
                    event_type="metrics", event_data=data)
+        if self.wandb is not None:
+            self.wandb.on_metrics(metrics)
+
+    def on_early_stop(self, stop: EarlyStop) -> None:
+        self.write(event=f"Early stopping at step {stop.step}: valid_loss did not improve by "
+                         f"more than {stop.threshold:g} in {stop.patience} evaluations; the "
+                         f"best was {stop.best_valid_loss:.4g} at step {stop.best_step}, whose "
+                         "adapter the job delivers",
+                   event_data=asdict(stop))
+        if self.wandb is not None:
+            self.wandb.on_early_stop(stop)
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         try:
@@ -159,8 +199,10 @@ class JobHooks(Hooks):
             self.beat.lost.set()
             raise StopTraining("lease lost") from None
         deleted = checkpoints.apply_retention(self.ckpt_root, get_settings().keep_checkpoints,
-                                              protect=checkpoint.path)
+                                              protect=[checkpoint.path, checkpoint.best_path])
         lifecycle.mark_checkpoints_deleted(self.claim.job_id, deleted)
+        if self.wandb is not None:
+            self.wandb.on_checkpoint(checkpoint)
 
     def should_stop(self) -> str | None:
         if self.beat.lost.is_set():
@@ -172,6 +214,8 @@ class JobHooks(Hooks):
             return "lost"
         if self.beat.cancel.is_set():
             return "cancel"
+        if self.beat.pause.is_set():
+            return "pause"
         if PREEMPT.is_set():
             return "preempt"
         return None
@@ -234,24 +278,30 @@ def run_job(job_id: str, worker: str | None = None) -> str:
     beat = Heartbeat(claim, settings.heartbeat_seconds, settings.lease_seconds)
     beat.start()
     hooks = JobHooks(claim, beat)
+    outcome = "crashed"  # until the attempt says how it ended
     try:
-        return _attempt(claim, hooks)
+        outcome = _attempt(claim, hooks)
+        return outcome
     except (StopTraining, LeaseLost):
         log.warning("job %s attempt %d lost its lease; stopped", job_id, claim.attempt)
         _give_up_lease(claim, hooks.step)
-        return "lost"
+        outcome = "lost"
+        return outcome
     except (InvalidDataset, ModelLoadError) as e:
         with_db_retry(lifecycle.finish, job_id, claim.attempt, JobStatus.FAILED, level="error",
                       message=f"Job failed: {e.message}",
                       error={"code": e.code, "message": e.message, "param": e.param})
-        return "failed"
+        outcome = "failed"
+        return outcome
     except Exception as e:  # noqa: BLE001 - anything else may be transient (OOM, I/O, a bug)
         log.exception("job %s attempt %d crashed", job_id, claim.attempt)
         with_db_retry(lifecycle.release, job_id, claim.attempt, count_failure=True,
                       reason=f"Attempt {claim.attempt} failed: {type(e).__name__}: {e}",
                       step=hooks.step or None)
-        return "retry"
+        outcome = "retry"
+        return outcome
     finally:
+        hooks.close(outcome)
         beat.stop()
         gc.collect()
         _empty_device_cache()
@@ -284,6 +334,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         valid_path = open_content(valid_row) if valid_row else None
         valid_hash = valid_row.sha256 if valid_row else None
 
+    hooks.wandb = _wandb_run(claim, spec, hooks)
     tokenizer = load_tokenizer(spec.model)
     data = prepare(spec, tokenizer, train_path, train_hash, valid_path, valid_hash)
     if data.cached:
@@ -298,23 +349,79 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         with_db_retry(lifecycle.finish, claim.job_id, claim.attempt, JobStatus.CANCELLED,
                       message=f"Job cancelled at step {result.step}")
         return "cancelled"
+    if result.stopped == "pause":
+        with_db_retry(lifecycle.paused, claim.job_id, claim.attempt, step=result.step)
+        return "paused"
     if result.stopped == "preempt":
         with_db_retry(lifecycle.preempt, claim.job_id, claim.attempt,
                       reason="Worker shutting down (preempted); checkpoint saved",
                       step=result.step)
         return "preempted"
     assert result.adapter_dir is not None
+    if valid_path is not None:  # the quality card; never fails the job
+        record_evaluation(hooks, spec, result.adapter_dir, valid_path, device=settings.device,
+                          max_examples=settings.eval_max_examples,
+                          max_new_tokens=settings.eval_max_new_tokens)
+    results = _store_results(claim, hooks, result)
     done = with_db_retry(
         lifecycle.finish, claim.job_id, claim.attempt, JobStatus.SUCCEEDED,
         message=f"Fine-tuning job succeeded: {name}, adapter at {result.adapter_dir}",
         fine_tuned_model=name, adapter_dir=storage.relative(result.adapter_dir),
         trained_tokens=result.trained_tokens, estimated_finish=None,
+        result_files=[f.id for f in results],
     )
     if not done:
+        _drop_results(results)
         raise LeaseLost("lost the lease at the end of training")
-    deleted = checkpoints.apply_retention(ckpt_root, settings.keep_checkpoints)
+    deleted = checkpoints.apply_retention(ckpt_root, settings.keep_checkpoints,
+                                          protect=result.best_checkpoint)
     lifecycle.mark_checkpoints_deleted(claim.job_id, deleted)
     return "succeeded"
+
+
+def _wandb_run(claim: Claim, spec: TrainingSpec, hooks: JobHooks) -> WandbRun | None:
+    """The job's W&B run, if it asked for one (started with training, by ``on_start``)."""
+    options = next((i.wandb for i in spec.integrations if i.type == "wandb"), None)
+    if options is None:
+        return None
+    mode = get_settings().wandb_mode
+    if mode == "disabled":
+        hooks.report("warn", "Weights & Biases is disabled on this worker (wandb_mode="
+                     "disabled): the run is not logged", {"integration": "wandb"})
+        return None
+    config = {"job_id": claim.job_id, "attempt": claim.attempt,
+              "fine_tuned_model": fine_tuned_model_name(claim.model, claim.suffix, claim.job_id),
+              **spec.model_dump(mode="json", exclude={"integrations"})}
+    return WandbRun(options, run_id=claim.job_id, directory=storage.job_dir(claim.job_id),
+                    config=config, mode=mode, report=hooks.report)
+
+
+def _store_results(claim: Claim, hooks: JobHooks, result: Result) -> list[File]:
+    """The job's per-step metrics as a ``fine-tune-results`` CSV file of its project. A file
+    that cannot be written costs the job a warning, not its success."""
+    if not result.metrics:
+        return []
+    try:
+        with session_scope() as s:
+            row = save_result_file(s, claim.project, "step_metrics.csv",
+                                   results_csv(result.metrics), columns=list(RESULTS_COLUMNS))
+            s.expunge(row)
+            return [row]
+    except Exception as e:  # noqa: BLE001 - the adapter is what the job is for
+        log.warning("job %s: results file not stored", claim.job_id, exc_info=True)
+        hooks.report("warn", f"The per-step metrics file could not be stored: {e}", {})
+        return []
+
+
+def _drop_results(rows: list[File]) -> None:
+    """Remove result files of an attempt that lost the job at its very end."""
+    try:
+        with session_scope() as s:
+            for row in rows:
+                s.execute(delete(File).where(File.id == row.id))
+                (storage.root() / row.path).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - a stray file is no reason to stop giving the job back
+        log.warning("could not remove result files %s", [r.id for r in rows], exc_info=True)
 
 
 def _empty_device_cache() -> None:

@@ -3,7 +3,7 @@
 Tests and demos need a real ``transformers`` checkpoint that loads with the Auto classes, trains
 in seconds on a CPU and never touches the Hugging Face Hub. :func:`build_tiny_model` makes one:
 a byte-level BPE tokenizer trained on the bundled DialogSum-style sample (GPT-2/Phi-2 style
-special tokens plus a ChatML chat template) and a ``PhiForCausalLM`` with a few hundred thousand
+special tokens plus a ChatML chat template) and a ``PhiForCausalLM`` with under a million
 parameters. Everything is seeded, so the same arguments always give the same files.
 """
 
@@ -123,7 +123,7 @@ def build_tiny_model(
     *,
     corpus: Iterable[str] | None = None,
     vocab_size: int = 2048,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
     intermediate_size: int = 256,
@@ -142,7 +142,8 @@ def build_tiny_model(
         corpus: tokenizer training texts; default: the bundled DialogSum-style sample plus the
             prompt-format strings (:data:`PROMPT_STRINGS`).
         vocab_size: target tokenizer vocabulary; the model's vocabulary is the trained size.
-        hidden_size: model width; must be divisible by ``num_attention_heads``.
+        hidden_size: model width; must be divisible by ``num_attention_heads``. The default
+            gives heads of 32, the smallest that vLLM's CPU attention serves.
         num_hidden_layers: decoder layers.
         num_attention_heads: attention heads.
         intermediate_size: MLP width.

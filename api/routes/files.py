@@ -46,8 +46,8 @@ def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> Fil
 def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     """Download a file's content."""
     row = files.get_file(session, file_id, project)
-    return FileResponse(open_content(row), media_type="application/jsonl",
-                        filename=row.filename)
+    media = "text/csv" if row.record_format == "csv" else "application/jsonl"
+    return FileResponse(open_content(row), media_type=media, filename=row.filename)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

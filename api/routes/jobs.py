@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 
 from api import jobs
 from api.deps import AuthorizationDep, ProjectDep, SessionDep
+from api.metadata_filter import MetadataFilter
 from api.presenters import checkpoint_public, event_public, job_public
 from api.status_cache import job_status, status_cache
 from shared.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
-from shared.validation import validate_and_send
+from shared.validation import send_job, validate_and_send
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -28,10 +29,17 @@ def create_job(body: JobCreate, session: SessionDep, project: ProjectDep,
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None,
-              limit: Limit = 20) -> JobsPublic:
-    """List jobs, newest first; page with ``after=<last id>``."""
-    rows, more = jobs.list_jobs(session, project, after, limit)
+def list_jobs(
+    request: Request, session: SessionDep, project: ProjectDep, after: str | None = None,
+    limit: Limit = 20,
+    metadata: Annotated[str | None, Query(
+        description="Filter: metadata[key]=value (each pair must match), or metadata=null "
+        "for jobs without metadata.")] = None,
+) -> JobsPublic:
+    """List jobs, newest first; page with ``after=<last id>``, filter by ``metadata[k]=v``."""
+    # metadata[k] names are open-ended: read from the query string, ``metadata`` documents it.
+    wanted = MetadataFilter.parse(request.query_params.multi_items())
+    rows, more = jobs.list_jobs(session, project, after, limit, wanted)
     return JobsPublic(data=[job_public(j) for j in rows], has_more=more)
 
 
@@ -48,6 +56,26 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPubl
     job = jobs.cancel_job(session, job_id, project)
     session.commit()  # first: the job's next status read must see the cancel
     status_cache.forget(job_id)
+    return job_public(job)
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    """Pause a job: a queued job at once, a running one after saving a checkpoint."""
+    job = jobs.pause_job(session, job_id, project)
+    session.commit()
+    status_cache.forget(job_id)
+    return job_public(job)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: str, session: SessionDep, project: ProjectDep,
+               background: BackgroundTasks) -> JobPublic:
+    """Resume a paused job from its last checkpoint."""
+    job = jobs.resume_job(session, job_id, project)
+    session.commit()  # first: the worker that the message wakes must find it queued
+    status_cache.forget(job_id)
+    background.add_task(send_job, job.id)
     return job_public(job)
 
 

@@ -245,6 +245,15 @@ def slow_save_env(seconds: float) -> dict[str, str]:
     return {"PYTHONPATH": path, "LORAFLEET_TEST_SLOW_SAVE_SECONDS": str(seconds)}
 
 
+def save_gate_env(gate: Path) -> dict[str, str]:
+    """Environment for :meth:`Stack.add_worker` that holds the save of checkpoint N while
+    ``gate/hold-N`` exists (``gate/waiting-N`` appears once the worker is held there)."""
+    from tests.support.stack import REPO_ROOT
+
+    path = os.pathsep.join([str(SLOW_SAVE_DIR), str(REPO_ROOT)])
+    return {"PYTHONPATH": path, "LORAFLEET_TEST_SAVE_GATE": str(gate)}
+
+
 def kill_owner(stack: Stack, job_id: str, sig: int = signal.SIGKILL, *,
                replace: bool = True) -> int:
     """SIGKILL (or ``sig``) the whole worker that trains ``job_id``; returns its index.

@@ -70,13 +70,17 @@ def wait_mid_training(stack: Stack, job_id: str, checkpoint: int = 4) -> int:
     return progress_step(stack, job_id)
 
 
+# Batches of 4 examples; token-budget batches (9 per epoch here: the run crosses an epoch).
+@pytest.mark.parametrize("options", [{}, {"max_tokens_per_batch": 2048}],
+                         ids=["fixed-batches", "token-budget"])
 def test_sigkill_mid_training_resumes_exactly(stack: Stack, client: openai.OpenAI,
-                                              file_id: str, tiny_model: Path) -> None:
+                                              file_id: str, tiny_model: Path,
+                                              options: dict[str, Any]) -> None:
     """The same job twice (same data, seed, dropout 0.1): one runs through, the other's worker
     is SIGKILLed after its first checkpoint. Resumed on another worker, it logs the same loss at
     every step after the resume and saves the same adapter."""
-    reference = create_job(client, str(tiny_model), file_id, **JOB)
-    victim = create_job(client, str(tiny_model), file_id, **JOB)
+    reference = create_job(client, str(tiny_model), file_id, **JOB, **options)
+    victim = create_job(client, str(tiny_model), file_id, **JOB, **options)
 
     killed_at = wait_mid_training(stack, victim.id)
     kill_owner(stack, victim.id, signal.SIGKILL)
@@ -88,6 +92,7 @@ def test_sigkill_mid_training_resumes_exactly(stack: Stack, client: openai.OpenA
     diff = max_abs_diff(adapter_tensors(resumed.adapter_path), adapter_tensors(ref.adapter_path))
 
     assert killed_at < JOB["max_steps"], "killed in the middle of training"
+    assert resumed.model_extra["max_tokens_per_batch"] == options.get("max_tokens_per_batch")
     assert (resumed.attempt, ref.attempt) == (2, 1)
     assert resumed.resumed_from_step in (4, 8)
     assert sorted(resumed_losses) == list(range(resumed.resumed_from_step + 1,

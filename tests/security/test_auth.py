@@ -17,7 +17,10 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from tests.security.expect import error_of
 
-PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+          # Prometheus scrapes without an API key (LORAFLEET_METRICS_TOKEN can require one);
+          # the console's page and assets are static: signing in happens in the browser.
+          "/metrics", "/", "/console", "/console/assets/{version}/{name:path}"}
 
 
 def app_routes(app: fastapi.FastAPI) -> list[tuple[str, str]]:
@@ -93,6 +96,7 @@ def test_route_refuses_requests_without_a_valid_key(
     assert authorized.status_code != 401, authorized.text
 
 
-@pytest.mark.parametrize("path", sorted(PUBLIC - {"/docs/oauth2-redirect"}))
+@pytest.mark.parametrize("path", sorted(PUBLIC - {"/docs/oauth2-redirect",
+                                                   "/console/assets/{version}/{name:path}"}))
 def test_health_and_docs_need_no_key(api: TestClient, path: str) -> None:
     assert api.get(path).status_code == 200

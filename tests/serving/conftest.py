@@ -1,5 +1,6 @@
 """Fixtures for serving: adapters with known random weights, an in-process engine, and a live
-stack (API + worker + engine processes)."""
+stack (API + worker + engine processes, the engine on vLLM wherever `make venv-vllm` made
+.venv-vllm, else the built-in engine)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 
 # --------------------------------------------------------------------------- adapters
 def build_adapter(base: Path, dest: Path, seed: int, *, prompt_format: dict[str, Any] | None = None,
-                  r: int = 8, std: float = 0.3) -> Path:
+                  r: int = 8, std: float = 0.3, probe: bool = False) -> Path:
     """Save a LoRA adapter of ``base`` with random, non-zero weights drawn from ``seed`` (so
     different seeds give clearly different outputs), in the worker's layout: PEFT files plus
-    ``lorafleet.json``. An existing ``dest`` is replaced the way the worker replaces it."""
+    ``lorafleet.json`` (with the worker's parity probe if ``probe``). An existing ``dest`` is
+    replaced the way the worker replaces it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -49,13 +51,33 @@ def build_adapter(base: Path, dest: Path, seed: int, *, prompt_format: dict[str,
     tmp = dest.parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    meta = {"base_model": str(base), "prompt_format": prompt_format or {"type": "dolly"},
-            "max_length": 1024}
+    meta: dict[str, Any] = {"base_model": str(base),
+                            "prompt_format": prompt_format or {"type": "dolly"},
+                            "max_length": 1024}
+    if probe:
+        meta["parity_probe"] = parity_probe_of(model, base, meta["prompt_format"])
     (tmp / "lorafleet.json").write_text(json.dumps(meta))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
+
+
+def parity_probe_of(model: Any, base: Path, prompt_format: dict[str, Any]) -> dict[str, Any]:
+    """The probe the worker records for a trained adapter (``worker.training.probe``)."""
+    from shared.schemas import LoraSpec, TrainingSpec
+    from shared.templates import PromptFormat
+    from worker.loading import load_tokenizer
+    from worker.training.probe import parity_probe
+
+    spec = TrainingSpec(model=str(base), training_file="file-x", lora=LoraSpec(),
+                        prompt_format=PromptFormat.model_validate(prompt_format), max_length=1024,
+                        max_steps=1, n_epochs=1, batch_size=1, gradient_accumulation_steps=1,
+                        learning_rate=1e-4, warmup=0, save_steps=1, logging_steps=1,
+                        train_on_inputs=False, packing=False, seed=0)
+    probe = parity_probe(model, load_tokenizer(str(base)), spec)
+    assert probe is not None, "the worker made no parity probe"
+    return probe
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +147,14 @@ def make_engine() -> Iterator[Callable[..., Any]]:
 
 
 # --------------------------------------------------------------------------- live stack
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_available() -> bool:
+    """Whether `make venv-vllm` made the vLLM environment (it does wherever vLLM installs)."""
+    return VLLM_PYTHON.is_file()
+
+
 @dataclass
 class ServingStack:
     """A :class:`Stack` plus the engine process it forwards inference to."""
@@ -133,9 +163,34 @@ class ServingStack:
     engine: subprocess.Popen[bytes]
     engine_url: str
     engine_log: Path
+    backend: str  # "vllm" or "builtin"
 
     def engine_stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.engine_url}/health", timeout=10).json()
+
+    def vllm_url(self, base_model: Path | str) -> str:
+        """The URL of the vLLM server of ``base_model`` (it must have served a request)."""
+        return str(self.engine_stats()["base_models"][str(base_model)]["url"])
+
+    def generating_processes(self) -> list[Any]:
+        """The processes that generate: the engine itself, or the vLLM servers it started."""
+        import psutil
+
+        engine = psutil.Process(self.engine.pid)
+        return engine.children(recursive=True) if self.backend == "vllm" else [engine]
+
+
+def vllm_metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a vLLM Prometheus metric (``vllm:<name>``) over the series whose labels
+    include ``labels``."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if not line.startswith(f"vllm:{name}{{") and not line.startswith(f"vllm:{name} "):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def start_engine(stack: Stack, port: int, timeout: float = 120.0
@@ -161,42 +216,76 @@ def start_engine(stack: Stack, port: int, timeout: float = 120.0
                      f"{log_path.read_text(errors='replace')[-5000:]}")
 
 
+def warm_up(engine_url: str, base_model: Path, timeout: float = 900.0) -> None:
+    """Have the engine start the vLLM server of ``base_model`` (tens of seconds on a small
+    machine), so that the tests' requests find it running."""
+    target = {"model": "warm-up", "base_model": str(base_model)}
+    answer = httpx.post(f"{engine_url}/v1/completions", timeout=timeout, json={
+        "model": "warm-up", "prompt": "Hello", "max_tokens": 1, "raw_prompt": True,
+        "target": target})
+    if answer.status_code != 200:
+        raise StackError(f"the engine did not start vLLM: {answer.status_code} {answer.text}")
+
+
 def stop_engine(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the engine; with it, the vLLM servers it started (whatever becomes of it)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=45)  # it stops its vLLM servers first
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
+    for child in children:  # vLLM servers run in sessions of their own
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 @pytest.fixture(scope="module")
-def serving(tmp_path_factory: pytest.TempPathFactory,
-            request: pytest.FixtureRequest) -> Iterator[ServingStack]:
-    """API + one worker + engine, as real processes. A test module may set
-    ``SERVING_SETTINGS = {...}`` (Settings fields) for its stack."""
+def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+            tiny_model: Path) -> Iterator[ServingStack]:
+    """API + one worker + engine, as real processes; the engine on vLLM when it is there (or
+    as ``LORAFLEET_TEST_ENGINE_BACKEND`` says), its server for the tiny model started. A test
+    module may set ``SERVING_SETTINGS = {...}`` (Settings fields, ``engine_backend``
+    included) and ``SERVING_WORKERS`` (default 1)."""
+    module_settings = getattr(request.module, "SERVING_SETTINGS", {})
+    backend = (module_settings.get("engine_backend")
+               or os.environ.get("LORAFLEET_TEST_ENGINE_BACKEND")
+               or ("vllm" if vllm_available() else "builtin"))
     # The tiny model lives in pytest's temporary folder: the operator allows local models
     # from there (the API refuses local paths otherwise).
     settings = {"models_dir": tmp_path_factory.getbasetemp(), "engine_device": "cpu",
-                "engine_torch_threads": 1, **getattr(request.module, "SERVING_SETTINGS", {})}
+                "engine_torch_threads": 1, "engine_backend": backend,
+                "vllm_python": str(VLLM_PYTHON), **module_settings}
     # One thread per process: the tiny model gains nothing from more, and the worker, the
     # engine and the test process share the machine's cores.
     stack = Stack(tmp_path_factory.mktemp("serving"), settings=settings,
-                  env={"OMP_NUM_THREADS": "1"})
+                  env={"OMP_NUM_THREADS": "1"},
+                  workers=getattr(request.module, "SERVING_WORKERS", 1))
     port = free_port()
     while port == stack.port:  # both were free a moment ago; they must differ
         port = free_port()
     stack.settings.update(engine_port=port, engine_url=f"http://127.0.0.1:{port}")
     stack.start()
+    proc: subprocess.Popen[bytes] | None = None
     try:
         proc, log_path = start_engine(stack, port)
+        if backend == "vllm":
+            warm_up(f"http://127.0.0.1:{port}", tiny_model)
     except BaseException:
+        if proc is not None:
+            stop_engine(proc)
         stack.stop()
         raise
     try:
-        yield ServingStack(stack, proc, f"http://127.0.0.1:{port}", log_path)
+        yield ServingStack(stack, proc, f"http://127.0.0.1:{port}", log_path, backend)
     finally:
         stop_engine(proc)
         stack.stop()
@@ -207,8 +296,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if report.failed:
         for stack in LIVE_STACKS:
-            log = stack.log_dir / "engine.log"
-            if log.exists():
-                tail = log.read_text(errors="replace").splitlines()[-120:]
-                report.sections.append(("lorafleet engine log", "\n".join(tail)))
+            logs = [stack.log_dir / "engine.log", *sorted((stack.log_dir / "vllm").glob("*.log"))]
+            for log in logs:
+                if log.exists():
+                    tail = log.read_text(errors="replace").splitlines()[-120:]
+                    report.sections.append((f"lorafleet {log.name}", "\n".join(tail)))
     return report

@@ -4,12 +4,14 @@ worker, engine), adapters trained by real jobs while the server runs."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import select
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import psutil
 import pytest
@@ -139,39 +141,59 @@ def upstream_ports(api: psutil.Process, engine_port: int) -> set[int]:
             if c.raddr and c.raddr.port == engine_port and c.status == psutil.CONN_ESTABLISHED}
 
 
+def send_and_wait(port: int, key: str, path: str, body: dict[str, Any]) -> socket.socket:
+    """POST ``body`` on a raw connection, as a client that waits for the answer; it gives up
+    when the caller closes the socket (a client timeout, without a clock in the test)."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                 .encode() + payload)
+    return sock
+
+
 def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingStack,
                                                               summarizer: Any) -> None:
-    # The engine is paused (SIGSTOP) while it generates the answer, so the client's timeout
-    # expires before the generation can end, however fast the machine. It resumes once the
-    # API has hung up on it, and must then stop the row at its next token.
-    engine = psutil.Process(serving.engine.pid)
+    # What generates (the built-in engine, or the vLLM server behind the engine) is paused
+    # (SIGSTOP) while it generates the answer, and the client gives up meanwhile, so the
+    # generation cannot end first, however fast the machine. Once the API has hung up on the
+    # engine, the engine must stop the generation: the built-in engine at its next token once
+    # it resumes, the vLLM gateway at once, by dropping its request to vLLM (which aborts it).
     assert serving.stack.api is not None
     api = psutil.Process(serving.stack.api.pid)
     engine_port = int(serving.engine_url.rsplit(":", 1)[1])
     wait_until(lambda: not serving.engine_stats()["busy"], "the engine stayed busy")
     before = serving.engine_stats()
-    http = serving.stack.http(timeout=1.0)
+    answered = "batches" if serving.backend == "builtin" else "requests"
+    paused = serving.generating_processes()
     body = {"model": summarizer.model, "prompt": "Hello", "max_tokens": MAX_TOKENS_LIMIT,
             "temperature": 0}
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(http.post, "/v1/completions", json=body)
-
+    client = send_and_wait(serving.stack.port, serving.stack.key, "/v1/completions", body)
+    try:
         def generating() -> bool:
             stats = serving.engine_stats()
-            assert stats["batches"] == before["batches"] and not asked.done(), (
+            answer_arrived = select.select([client], [], [], 0)[0]
+            assert stats[answered] == before[answered] and not answer_arrived, (
                 "the request ended before its generation was seen")
             return bool(stats["busy"])
 
         wait_until(generating, "the generation did not start")
-        engine.suspend()
+        for process in paused:
+            process.suspend()
         try:
             upstream = upstream_ports(api, engine_port)
-            with pytest.raises(httpx.ReadTimeout):
-                asked.result()
+            client.close()  # the client gives up
             wait_until(lambda: not upstream <= upstream_ports(api, engine_port),
                        "the API kept waiting for a gone client")
+            if serving.backend == "vllm":
+                wait_until(lambda: serving.engine_stats()["rows_cancelled"]
+                           > before["rows_cancelled"],
+                           "the engine kept its request to vLLM for a gone client")
         finally:
-            engine.resume()
+            for process in paused:
+                process.resume()
+    finally:
+        client.close()
     wait_until(lambda: serving.engine_stats()["rows_cancelled"] > before["rows_cancelled"],
                "the engine kept generating for a gone client")
 

@@ -124,7 +124,7 @@ def test_an_adapter_of_another_base_model_is_refused(tmp_path: Path, base_config
     wider = build_tiny_model(tmp_path / "wider", hidden_size=96, intermediate_size=192)
     adapter = save_adapter(wider, tmp_path / "adapter")
 
-    with pytest.raises(AdapterRejected, match=r"does not fit base model .*takes 64 inputs"):
+    with pytest.raises(AdapterRejected, match=r"does not fit base model .*takes 128 inputs"):
         check_adapter(adapter, base_config)
 
 
@@ -168,3 +168,24 @@ def test_the_engine_refuses_a_bad_adapter_before_loading_it(tiny_model: Path,
     assert (exc.value.status, exc.value.code, exc.value.param) == (409, "adapter_rejected",
                                                                    "model")
     assert engine.host(str(tiny_model)).model is None, "nothing was loaded"
+
+
+def test_a_complete_checkpoint_is_served_without_reading_its_trainer_state(
+        tmp_path: Path, tiny_model: Path, base_config: Any) -> None:
+    """A checkpoint folder (our completion marker, the Trainer's state files beside the
+    adapter) passes; the same pickles in a plain adapter folder, or another pickle in the
+    checkpoint, do not."""
+    from worker.checkpoints import COMPLETE_MARKER
+
+    folder = save_adapter(tiny_model, tmp_path / "checkpoint-4")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (folder / name).write_bytes(b"not loaded")
+    with pytest.raises(AdapterRejected, match="pickle"):
+        check_adapter(folder, base_config)
+
+    (folder / COMPLETE_MARKER).write_text("{}")
+    check_adapter(folder, base_config)
+
+    (folder / "extra.pkl").write_bytes(b"x")
+    with pytest.raises(AdapterRejected, match=r"extra\.pkl"):
+        check_adapter(folder, base_config)

@@ -230,3 +230,104 @@ def test_grouped_query_attention_packs_exactly() -> None:
         packed = batch_loss(model, PackedCollator()(feats))
         expected, _ = alone(model, feats)
     torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_row_without_host_bounds_stays_exact(tiny_model: Path) -> None:
+    """A packed row built without the collator (``cu_seq_lens_q`` alone) still attends within
+    each sample: the attention reads the tensor back instead."""
+    from worker.attention import SAMPLE_BOUNDS
+
+    model = load(tiny_model, "packed")
+    feats = features(model.config.vocab_size)
+    batch = PackedCollator()(feats)
+    del batch[SAMPLE_BOUNDS]
+    with torch.no_grad():
+        packed = batch_loss(model, batch)
+        expected, _ = alone(model, feats)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batches_stay_exact_where_transformers_takes_no_boolean_mask(
+    tiny_model: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older transformers 5 releases slice ``logits_to_keep`` by 1-D indices only: the padded
+    collator then keeps the positions labeled in any row, with the same loss."""
+    from worker import collate
+
+    model = load(tiny_model, "sdpa")
+    feats = features(model.config.vocab_size)
+    monkeypatch.setattr(collate, "BOOLEAN_LOGITS_TO_KEEP", False)
+    narrow = make_collator(tiny_tokenizer, packing=False)(feats)
+    assert narrow["logits_to_keep"].dim() == 1 and narrow["shift_labels"].dim() == 2
+    wide = make_collator(tiny_tokenizer, packing=False, loss_only_where_labeled=False)(feats)
+    with torch.no_grad():
+        torch.testing.assert_close(batch_loss(model, narrow), batch_loss(model, wide),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _small(arch: str) -> Any:
+    """A small model in training setup on the meta device (shapes only, no values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+
+    from worker.last_layer import run_last_layer_on_loss_positions
+
+    sizes = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 3, "num_attention_heads": 4, "use_cache": False,
+             "attn_implementation": "sdpa"}
+    with torch.device("meta"):
+        if arch == "phi":
+            model = PhiForCausalLM(PhiConfig(**sizes))
+        else:  # grouped-query attention
+            model = LlamaForCausalLM(LlamaConfig(**sizes, num_key_value_heads=2))
+    assert use_packed_attention(model)
+    if arch == "phi":
+        assert run_last_layer_on_loss_positions(model)
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_the_training_step_never_reads_the_row_layout_back_from_the_device(
+    arch: str, checkpointing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sample boundaries and labeled positions reach attention and the last layer as
+    host ints. The whole step (forward, loss, backward, and the recompute under activation
+    checkpointing) runs here on the meta device, where every read of a tensor's values
+    (``.tolist()``, ``.item()``, ``int()``, ``nonzero``, a boolean index) raises: on a GPU each
+    would be a GPU→CPU round trip."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _small(arch)
+    if checkpointing:
+        kwargs = {"use_reentrant": False}  # non-reentrant, as the trainer sets it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # the older name
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.train()
+    feats = features(model.config.vocab_size)
+    batch = make_collator(None, packing=True, last_layer=arch == "phi")(feats)
+    on_device = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with pytest.raises(NotImplementedError):  # reading the boundaries back fails here
+        on_device["cu_seq_lens_q"].tolist()
+
+    queries: list[int] = []  # query lengths of the attention calls: per sample, not per row
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: Any, *args: Any, **kwargs: Any) -> Any:
+        queries.append(query.shape[-2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    targets = on_device["shift_labels"].ne(IGNORE_INDEX).sum()
+    loss = model(**on_device, num_items_in_batch=targets).loss
+    forward, samples = list(queries), [n for n, _ in SHAPES]
+    loss.backward()
+
+    assert loss.device.type == "meta"
+    assert forward[:2 * len(samples)] == samples * 2  # the first two layers, sample by sample
+    if arch == "phi":  # the last layer: only each sample's labeled positions ask
+        assert forward[2 * len(samples):] == [n - p for n, p in SHAPES]
+    if checkpointing:  # the backward recomputed the layers, the first two last, per sample
+        assert queries[-2 * len(samples):] == samples * 2 and len(queries) > len(forward)

@@ -18,6 +18,7 @@ from tests.worker.test_packing import spec  # noqa: E402
 from worker.preprocess import prepare  # noqa: E402
 from worker.training import (  # noqa: E402
     CheckpointInfo,
+    FullValidationMetrics,
     Hooks,
     Progress,
     StartInfo,
@@ -27,7 +28,8 @@ from worker.training import (  # noqa: E402
 )
 from worker.training.adapter_io import ADAPTER_META  # noqa: E402
 
-Event = StartInfo | Progress | TrainMetrics | ValidationMetrics | CheckpointInfo
+Event = (StartInfo | Progress | TrainMetrics | ValidationMetrics | FullValidationMetrics
+         | CheckpointInfo)
 
 
 class Recorder(Hooks):
@@ -40,7 +42,8 @@ class Recorder(Hooks):
     def on_progress(self, progress: Progress) -> None:
         self.events.append(progress)
 
-    def on_metrics(self, metrics: TrainMetrics | ValidationMetrics) -> None:
+    def on_metrics(self, metrics: TrainMetrics | ValidationMetrics | FullValidationMetrics
+                   ) -> None:
         self.events.append(metrics)
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
@@ -83,9 +86,19 @@ def test_hooks_hear_start_metrics_progress_and_checkpoints(
     for checkpoint, measured in zip(saved, valid_losses, strict=True):
         assert checkpoint.path == tmp_path / "ckpt" / f"checkpoint-{checkpoint.step}"
         assert checkpoint.path.is_dir()
-        assert checkpoint.metrics() == {"step": checkpoint.step,
-                                        "train_loss": checkpoint.train_loss,
-                                        "valid_loss": measured.valid_loss}
+        # Training ended at step 4: its evaluation is also the full validation of the end.
+        full = ({"full_valid_loss": measured.valid_loss,
+                 "full_valid_mean_token_accuracy": measured.valid_mean_token_accuracy}
+                if checkpoint.step == 4 else {})
+        assert checkpoint.metrics() == {
+            "step": checkpoint.step, "train_loss": checkpoint.train_loss,
+            "train_mean_token_accuracy": checkpoint.train_mean_token_accuracy,
+            "valid_loss": measured.valid_loss,
+            "valid_mean_token_accuracy": measured.valid_mean_token_accuracy, **full}
+        assert 0 <= checkpoint.train_mean_token_accuracy <= 1
+        assert 0 <= measured.valid_mean_token_accuracy <= 1
+    final = of(FullValidationMetrics, hooks.events)
+    assert [(f.step, f.full_valid_loss) for f in final] == [(4, valid_losses[-1].valid_loss)]
     assert result.adapter_dir == tmp_path / "adapter" and result.stopped is None
     meta = json.loads((result.adapter_dir / ADAPTER_META).read_text())
     assert (meta["base_model"], meta["fine_tuned_model"]) == (str(tiny_model), "ft:tiny")

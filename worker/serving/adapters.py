@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import NotFound
+from shared.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,20 @@ def adapter_ref(path: str | Path) -> AdapterRef:
         # peft keeps adapters in ModuleDicts: the name must be a plain identifier.
         return AdapterRef(str(folder), version, f"lora_{digest}", st.st_size)
     raise NotFound(f"no adapter weights in {folder}", param="model", code="adapter_missing")
+
+
+def served_adapter(path: str | None, root: Path | None) -> AdapterRef | None:
+    """The adapter a request's target names (None: the base model), if it may be served.
+
+    Raises:
+        InvalidRequest: ``root`` is set and the folder is not under it.
+        NotFound: the folder holds no adapter weights.
+    """
+    if path is None:
+        return None
+    if root is not None and not Path(path).resolve().is_relative_to(root):
+        raise InvalidRequest("adapter_path is outside the storage folder", param="model")
+    return adapter_ref(path)
 
 
 @dataclass

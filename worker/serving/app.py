@@ -4,9 +4,16 @@ The API authenticates the caller and resolves ``model`` to a :class:`~shared.inf
 (base model, adapter folder, prompt format); this service only generates. It has no keys of
 its own, so it must listen on a private interface (default 127.0.0.1).
 
-Request path: parse → tokenize and check in a worker thread (:meth:`Engine.submit`) → queue
-(:class:`~worker.serving.batcher.Batcher`, 429 when full) → the generation thread runs it in a
-mixed-adapter batch → text comes back as it is generated (SSE) or as one response.
+Two backends speak this protocol alike, so the API cannot tell them apart
+(``LORAFLEET_ENGINE_BACKEND``):
+
+* vLLM (:mod:`worker.serving.vllm`): one vLLM server per base model in use, with continuous
+  batching and runtime adapter loading; chosen by ``auto`` wherever a vLLM environment exists.
+* built-in (:class:`Engine`): peft's mixed-adapter batches in this process, for hosts where
+  vLLM does not install. Request path: parse → tokenize and check in a worker thread
+  (:meth:`Engine.submit`) → queue (:class:`~worker.serving.batcher.Batcher`, 429 when full) →
+  the generation thread runs it in a mixed-adapter batch → text comes back as it is generated
+  (SSE) or as one response.
 """
 
 from __future__ import annotations
@@ -18,26 +25,39 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shared import http_errors, storage
-from shared.errors import InvalidRequest
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings, get_settings
 from worker.adapter_checks import check_adapter
 from worker.serving import responses
-from worker.serving.adapters import AdapterRef, adapter_ref
+from worker.serving.adapters import AdapterRef, served_adapter
 from worker.serving.batcher import Batcher, Request
 from worker.serving.engine import BaseModelHost, pick_device
 from worker.serving.prompts import Prepared, chat_prompt, completion_prompts, make_rows
+from worker.serving.vllm.gateway import VllmEngine
+from worker.serving.vllm.servers import find_vllm_python
 
 log = logging.getLogger(__name__)
 
 EngineRequest = EngineCompletionRequest | EngineChatRequest
+
+
+class Backend(Protocol):
+    """What the service needs of an engine."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def answer(self, body: EngineRequest, http: HTTPRequest | None = None) -> Any: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 class Engine:
@@ -64,6 +84,15 @@ class Engine:
     def stop(self) -> None:
         self.batcher.stop()
 
+    async def open(self) -> None:
+        self.start()
+
+    async def close(self) -> None:
+        self.stop()
+
+    async def answer(self, body: EngineRequest, http: HTTPRequest | None = None) -> Any:
+        return await run_request(self, body, http)
+
     def host(self, base_model: str) -> BaseModelHost:
         """The host of ``base_model``, created (tokenizer and config) on first use."""
         with self._hosts_lock:
@@ -74,19 +103,11 @@ class Engine:
                 self._hosts[base_model] = host
             return host
 
-    def _adapter(self, path: str | None) -> AdapterRef | None:
-        if path is None:
-            return None
-        if self.adapter_root is not None and not Path(path).resolve().is_relative_to(
-                self.adapter_root):
-            raise InvalidRequest("adapter_path is outside the storage folder", param="model")
-        return adapter_ref(path)
-
     def prepare(self, body: EngineRequest) -> tuple[BaseModelHost, AdapterRef | None, Prepared]:
         """Tokenize and check a request (blocking: runs in a worker thread)."""
         target = body.target
         host = self.host(target.base_model)
-        ref = self._adapter(target.adapter_path)
+        ref = served_adapter(target.adapter_path, self.adapter_root)
         if ref is not None and ref.name not in self._checked:
             check_adapter(ref.path, host.config)  # once per version, before it is loaded
             self._checked.add(ref.name)
@@ -114,7 +135,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         with self._hosts_lock:
             hosts = {name: h.stats() for name, h in self._hosts.items()}
-        return {**self.batcher.stats(), "base_models": hosts}
+        return {"backend": "builtin", **self.batcher.stats(), "base_models": hosts}
 
 
 async def _guarded(events: AsyncIterator[str], on_close: Callable[[], None]) -> AsyncIterator[str]:
@@ -162,44 +183,79 @@ async def run_request(engine: Engine, body: EngineRequest,
                 task.cancel()
 
 
-def create_app(engine: Engine | None = None) -> FastAPI:
-    """The engine service. Without ``engine``, one is built from the settings."""
-    settings = get_settings()
-    if engine is None:
-        if settings.engine_nice and hasattr(os, "nice"):
-            os.nice(settings.engine_nice)  # before any thread starts: they all inherit it
-        if settings.engine_torch_threads:
-            import torch
+def build_engine(settings: Settings) -> Backend:
+    """The engine ``settings.engine_backend`` asks for (``auto``: vLLM if there is one).
 
-            torch.set_num_threads(settings.engine_torch_threads)
-        engine = Engine(settings, adapter_root=storage.root())
+    Raises:
+        RuntimeError: ``vllm`` was asked for, and there is neither a vLLM environment nor a
+            configured server.
+    """
+    if settings.engine_nice and hasattr(os, "nice"):
+        os.nice(settings.engine_nice)  # before any thread or server starts: they inherit it
+    backend = settings.engine_backend
+    python, why = (None, "the built-in engine was asked for") if backend == "builtin" else (
+        find_vllm_python(settings))
+    if backend != "builtin" and (python is not None or settings.vllm_servers):
+        if python is None:
+            why = "vLLM servers in LORAFLEET_VLLM_SERVERS only"
+        log.info("engine backend: vLLM (%s)", why)
+        return VllmEngine(settings, python, storage.root() / "logs" / "vllm",
+                          adapter_root=storage.root(),
+                          cpu=pick_device(settings.engine_device).type == "cpu")
+    if backend == "vllm":
+        raise RuntimeError(f"LORAFLEET_ENGINE_BACKEND=vllm, but {why}: run `make venv-vllm`, "
+                           "or set LORAFLEET_VLLM_PYTHON or LORAFLEET_VLLM_SERVERS")
+    log.warning("engine backend: built-in (%s)", why)
+    if settings.engine_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.engine_torch_threads)
+    return Engine(settings, adapter_root=storage.root())
+
+
+def _log_to_stderr() -> None:
+    # uvicorn configures its own loggers only: without this, which backend serves, and the
+    # vLLM servers' starts and stops, would not show in the engine's log.
+    logger = logging.getLogger("worker")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def create_app(engine: Backend | None = None) -> FastAPI:
+    """The engine service. Without ``engine``, one is built from the settings."""
+    if engine is None:
+        _log_to_stderr()
+    backend = engine if engine is not None else build_engine(get_settings())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
-        engine.start()
+        await backend.open()
         try:
             yield
         finally:
-            engine.stop()
+            await backend.close()
 
     app = FastAPI(title="lorafleet engine", version="0.1.0", lifespan=lifespan,
                   description="Generation with LoRA adapters; called by the lorafleet API.")
     http_errors.install(app)
-    app.state.engine = engine
+    app.state.engine = backend
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         """Queue and model state."""
-        return {"status": "ok", **engine.stats()}
+        return {"status": "ok", **backend.stats()}
 
     @app.post("/v1/completions")
     async def completions(body: EngineCompletionRequest, http: HTTPRequest) -> Any:
         """A text completion for a resolved target."""
-        return await run_request(engine, body, http)
+        return await backend.answer(body, http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: EngineChatRequest, http: HTTPRequest) -> Any:
         """A chat completion for a resolved target."""
-        return await run_request(engine, body, http)
+        return await backend.answer(body, http)
 
     return app

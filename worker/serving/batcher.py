@@ -23,20 +23,9 @@ from shared.errors import LorafleetError, Overloaded
 from worker.serving.adapters import AdapterRef
 from worker.serving.decoding import Row
 from worker.serving.engine import BaseModelHost
+from worker.serving.errors import AdapterLoadFailed, GenerationFailed
 
 log = logging.getLogger(__name__)
-
-
-class GenerationFailed(LorafleetError):
-    status = 500
-    type = "server_error"
-    code = "generation_failed"
-
-
-class AdapterLoadFailed(LorafleetError):
-    status = 500
-    type = "server_error"
-    code = "adapter_load_failed"
 
 
 def _load_error(error: Exception) -> LorafleetError:

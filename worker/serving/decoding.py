@@ -23,6 +23,8 @@ from transformers import LogitsProcessor, StoppingCriteria
 # Text is streamed only once it is certain: a decoded tail that ends in a partial UTF-8
 # character, or that could be the start of a stop string, is held back.
 REPLACEMENT_CHAR = "\ufffd"
+# The adapter name of a row for the bare base model (peft's name for it in mixed batches).
+BASE = "__base__"
 
 # (row, text delta) and (row, finish_reason) callbacks, called on the generation thread.
 DeltaFn = Callable[["Row", str], None]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -20,24 +19,20 @@ from typing import Any
 import torch
 from peft import PeftModel
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
     LogitsProcessorList,
     StoppingCriteriaList,
 )
 
-from shared.errors import LorafleetError
-from worker.loading import ModelLoadError, load_tokenizer
+from worker.loading import ModelLoadError
 from worker.serving.adapters import AdapterCache, AdapterRef
-from worker.serving.decoding import DeltaFn, FinishFn, Row, RowSampler, RowStopper
+from worker.serving.decoding import BASE, DeltaFn, FinishFn, Row, RowSampler, RowStopper
+from worker.serving.model_text import ModelText
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"
-DEFAULT_CONTEXT = 2048
-_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length",
-                   "seq_length", "n_ctx")
+__all__ = ["BASE", "BaseModelHost", "pick_device", "pick_dtype"]
 
 
 def pick_device(setting: str) -> torch.device:
@@ -53,20 +48,7 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def context_length(config: Any, tokenizer: Any) -> int:
-    """The longest sequence (prompt + completion) the model takes."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in _CONTEXT_FIELDS:
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 10_000_000:
-        return limit
-    return DEFAULT_CONTEXT
-
-
-class BaseModelHost:
+class BaseModelHost(ModelText):
     """A base model, its tokenizer and its loaded adapters.
 
     The constructor loads the tokenizer and config only (cheap, any thread); the weights
@@ -77,67 +59,12 @@ class BaseModelHost:
     """
 
     def __init__(self, name: str, device: torch.device, cache_count: int, cache_bytes: int):
-        self.name = name
+        super().__init__(name)
         self.device = device
         self.dtype = pick_dtype(device)
-        self.tokenizer = load_tokenizer(name)
-        try:
-            self.config = AutoConfig.from_pretrained(name, trust_remote_code=False)
-        except Exception as e:  # noqa: BLE001 - the operator's model reference is wrong
-            raise ModelLoadError(f"could not load the config of '{name}': {e}",
-                                 param="model") from e
-        self.context_length = context_length(self.config, self.tokenizer)
-        self.eos_ids = self._eos_ids()
         self.model: Any = None
         self.adapters = AdapterCache(cache_count, cache_bytes, self._load_adapter,
                                      self._unload_adapter)
-        self._chat_end: dict[str, frozenset[int]] = {}
-        self._lock = threading.Lock()
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        try:
-            eos = GenerationConfig.from_pretrained(self.name).eos_token_id
-        except Exception:  # noqa: BLE001 - many models ship no generation_config.json
-            eos = getattr(self.config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list):
-            ids.update(i for i in eos if isinstance(i, int))
-        return frozenset(ids)
-
-    # ------------------------------------------------------------------ prompts (any thread)
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise LorafleetError(f"the model '{self.name}' has no chat template; "
-                                 "use /v1/completions", param="messages")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def chat_end_ids(self) -> frozenset[int]:
-        """The special token that closes an assistant turn in the chat template (ChatML's
-        ``<|im_end|>``, Llama 3's ``<|eot_id|>``): generation of a chat reply stops there."""
-        with self._lock:
-            if "ids" not in self._chat_end:
-                self._chat_end["ids"] = self._probe_chat_end()
-            return self._chat_end["ids"]
-
-    def _probe_chat_end(self) -> frozenset[int]:
-        marker = "\x1fREPLY\x1f"
-        try:
-            full = self.render_chat([{"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": marker}], False)
-        except Exception:  # noqa: BLE001 - a template that can't render this has no marker
-            return frozenset()
-        tail = full.split(marker, 1)[-1] if marker in full else ""
-        ids = self.encode(tail)[:1]
-        special = set(self.tokenizer.all_special_ids)
-        return frozenset(i for i in ids if i in special)
 
     # ------------------------------------------------------------------ generation thread
     def load(self) -> None:

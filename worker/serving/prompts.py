@@ -15,8 +15,8 @@ from shared.errors import ContextLengthExceeded, InvalidRequest
 from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
 from shared.settings import Settings
 from shared.templates import PromptFormat, render_prompt, stop_sequences
-from worker.serving.decoding import Row
-from worker.serving.engine import BASE, BaseModelHost
+from worker.serving.decoding import BASE, Row
+from worker.serving.model_text import ModelText
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _format(target: Target, req: SamplingRequest) -> PromptFormat | None:
     return target.prompt_format
 
 
-def completion_prompts(host: BaseModelHost, target: Target,
+def completion_prompts(host: ModelText, target: Target,
                        req: CompletionRequest) -> list[Prompt]:
     """Each prompt wrapped in the adapter's format (unless ``raw_prompt``)."""
     fmt = _format(target, req)
@@ -52,7 +52,7 @@ def completion_prompts(host: BaseModelHost, target: Target,
     return [Prompt(render_prompt(fmt, p, host.render_chat), stops, ids) for p in req.prompts]
 
 
-def chat_prompt(host: BaseModelHost, target: Target, req: ChatCompletionRequest) -> Prompt:
+def chat_prompt(host: ModelText, target: Target, req: ChatCompletionRequest) -> Prompt:
     """The conversation as one prompt.
 
     Formats made for one instruction and one input (dolly, phi2-qa, custom) take the last user
@@ -77,7 +77,7 @@ def chat_prompt(host: BaseModelHost, target: Target, req: ChatCompletionRequest)
     return Prompt(text, stops, host.eos_ids)
 
 
-def make_rows(host: BaseModelHost, adapter_name: str | None, prompts: list[Prompt],
+def make_rows(host: ModelText, adapter_name: str | None, prompts: list[Prompt],
               req: SamplingRequest, settings: Settings, param: str) -> Prepared:
     """Tokenize and check the prompts; one row per prompt and choice.
 

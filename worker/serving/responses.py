@@ -11,11 +11,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import LorafleetError
 from shared.ids import new_id
-from worker.serving.batcher import Request
+
+if TYPE_CHECKING:  # the vLLM gateway shapes answers without the generation stack
+    from worker.serving.batcher import Request
 
 DONE = "data: [DONE]\n\n"
 

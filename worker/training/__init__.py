@@ -7,6 +7,12 @@
 - :mod:`~worker.training.callbacks`: the Trainer's events turned into :class:`Hooks` calls.
 - :mod:`~worker.training.hooks`: what the caller learns (typed events) and how it stops training.
 - :mod:`~worker.training.adapter_io`: the trained adapter and its metadata on disk.
+- :mod:`~worker.training.probe`: the parity probe, the greedy tokens of a fixed prompt stored
+  with the adapter so that an inference engine can check that it generates the same.
+- :mod:`~worker.training.accuracy`: token accuracy from the logits the loss already used.
+- :mod:`~worker.training.early_stopping`: stop when the validation loss stops improving.
+- :mod:`~worker.training.results`: the per-step metrics and the job's results file.
+- :mod:`~worker.training.wandb_run`: the job's Weights & Biases run (online or offline).
 
 This package knows nothing of the database or Celery: the job runner passes :class:`Hooks` that
 report progress and say when to stop, and benchmarks call :func:`train_adapter` directly.
@@ -14,7 +20,10 @@ report progress and say when to stop, and benchmarks call :func:`train_adapter` 
 
 from worker.training.hooks import (
     CheckpointInfo,
+    EarlyStop,
+    FullValidationMetrics,
     Hooks,
+    Metrics,
     Progress,
     StartInfo,
     StopTraining,
@@ -23,5 +32,6 @@ from worker.training.hooks import (
 )
 from worker.training.trainer import Result, train_adapter
 
-__all__ = ["CheckpointInfo", "Hooks", "Progress", "Result", "StartInfo", "StopTraining",
-           "TrainMetrics", "ValidationMetrics", "train_adapter"]
+__all__ = ["CheckpointInfo", "EarlyStop", "FullValidationMetrics", "Hooks", "Metrics",
+           "Progress", "Result", "StartInfo", "StopTraining", "TrainMetrics",
+           "ValidationMetrics", "train_adapter"]

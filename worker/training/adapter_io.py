@@ -21,7 +21,8 @@ def save_adapter(model: PeftModel, spec: TrainingSpec, dest: Path, extra: dict[s
     """Save the final adapter in PEFT layout, plus the prompt format, then rename into place.
 
     Args:
-        extra: more metadata for ``lorafleet.json`` (job id, model name, steps, tokens).
+        extra: more metadata for ``lorafleet.json`` (job id, model name, steps, tokens, the
+            parity probe).
 
     Returns:
         ``dest``. The new adapter is written beside it and renamed into place, so ``dest``

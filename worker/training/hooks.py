@@ -40,20 +40,46 @@ class Progress:
 
 @dataclass(frozen=True)
 class TrainMetrics:
-    """The training loss of a step, logged every ``logging_steps`` and at the last step."""
+    """The training loss of a step, logged every ``logging_steps`` and at the last step.
+
+    ``train_mean_token_accuracy`` is the share of the step's target tokens (those with a loss)
+    that the model's most likely next token got right, taken from the logits of the loss."""
 
     step: int
     train_loss: float
     learning_rate: float | None
     epoch: float
+    train_mean_token_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
 class ValidationMetrics:
-    """The loss on the validation set, evaluated at each checkpoint."""
+    """Loss and token accuracy on the whole validation set, evaluated at each checkpoint."""
 
     step: int
     valid_loss: float
+    valid_mean_token_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class FullValidationMetrics:
+    """The whole validation set at the end of training: the evaluation of the last step."""
+
+    step: int
+    full_valid_loss: float
+    full_valid_mean_token_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Training stopped at ``step``: ``patience`` evaluations in a row did not lower the best
+    ``valid_loss`` by more than ``threshold``. The adapter delivered is ``best_step``'s."""
+
+    step: int
+    best_step: int
+    best_valid_loss: float
+    patience: int
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -64,13 +90,27 @@ class CheckpointInfo:
     path: Path
     train_loss: float | None  # the last logged training loss; None before the first log
     valid_loss: float | None  # None when the job has no validation set
+    train_mean_token_accuracy: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    # Only on the checkpoint of the step where training ended, when it was evaluated there.
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+    # The best evaluated checkpoint so far when early stopping is on: retention must keep it.
+    best_path: Path | None = None
 
     def metrics(self) -> dict[str, Any]:
-        """The metrics stored with the checkpoint: ``valid_loss`` only where one was measured."""
+        """The metrics stored with the checkpoint, by OpenAI's names: ``step`` and
+        ``train_loss`` always, every other one only where it was measured."""
         metrics: dict[str, Any] = {"step": self.step, "train_loss": self.train_loss}
-        if self.valid_loss is not None:
-            metrics["valid_loss"] = self.valid_loss
+        for name in ("train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                     "full_valid_loss", "full_valid_mean_token_accuracy"):
+            value = getattr(self, name)
+            if value is not None:
+                metrics[name] = value
         return metrics
+
+
+Metrics = TrainMetrics | ValidationMetrics | FullValidationMetrics
 
 
 class Hooks:
@@ -83,12 +123,17 @@ class Hooks:
     def on_progress(self, progress: Progress) -> None:
         """Step, loss, epoch, tokens/s and ETA, at most every half second."""
 
-    def on_metrics(self, metrics: TrainMetrics | ValidationMetrics) -> None:
-        """Logged training metrics (every ``logging_steps``) and validation loss."""
+    def on_metrics(self, metrics: Metrics) -> None:
+        """Logged training metrics (every ``logging_steps``), validation loss and accuracy at
+        each evaluation, and the full validation at the end."""
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         """A complete checkpoint was written at ``checkpoint.path``."""
 
+    def on_early_stop(self, stop: EarlyStop) -> None:
+        """Early stopping ended training (the job still succeeds, with the best adapter)."""
+
     def should_stop(self) -> str | None:
-        """None to go on; "cancel" or "preempt" (saves first) to stop; "lost" to abandon."""
+        """None to go on; "cancel" to stop; "preempt" or "pause" to save, then stop; "lost" to
+        abandon without saving."""
         return None

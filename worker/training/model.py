@@ -1,5 +1,6 @@
 """The model to train: a base model on a device, in a dtype, maybe 4-bit, with a fresh LoRA
-adapter on the projections of its architecture."""
+adapter on the projections of its architecture, or the adapter of the fine-tuned model or
+checkpoint that the job continues training from."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ import logging
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+)
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from shared import storage
 from shared.schemas import TrainingSpec
 from worker.attention import use_packed_attention
+from worker.devices import pin
 from worker.last_layer import run_last_layer_on_loss_positions
 from worker.loading import ModelLoadError
 
@@ -33,9 +43,14 @@ TARGET_MODULES: dict[str, list[str]] = {
 
 
 def pick_device(setting: str) -> str:
-    """The device to train on: ``setting`` itself, or for ``"auto"`` CUDA where there is one."""
+    """The device to train on: ``setting`` itself, ``cuda:0`` for a ``cuda:N`` this process
+    is pinned to (see :mod:`worker.devices`), or for ``"auto"`` CUDA where there is one.
+
+    Raises:
+        DeviceError: ``cuda:N`` names a GPU this node lacks, or comes after CUDA started.
+    """
     if setting != "auto":
-        return setting
+        return pin(setting)
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
@@ -70,6 +85,13 @@ def _quantization_config(spec: TrainingSpec, device: str) -> Any:
     )
 
 
+class FusedTanhGELU(torch.nn.GELU):
+    """PyTorch's fused tanh-GELU standing in for transformers' ``NewGELUActivation``."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+
 def fuse_tanh_gelu(model: torch.nn.Module) -> int:
     """Swap transformers' ``NewGELUActivation`` (Phi, GPT-2: the tanh approximation of GELU
     written as six elementwise ops) for PyTorch's fused kernel of the same formula: one pass
@@ -80,16 +102,29 @@ def fuse_tanh_gelu(model: torch.nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is NewGELUActivation:
-                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                setattr(parent, name, FusedTanhGELU())
                 swapped += 1
     return swapped
 
 
+def unfuse_tanh_gelu(model: torch.nn.Module) -> None:
+    """Undo :func:`fuse_tanh_gelu`: the model computes again exactly what it computes when
+    loaded with ``from_pretrained``, not only to float rounding."""
+    from transformers.activations import NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FusedTanhGELU):
+                setattr(parent, name, NewGELUActivation())
+
+
 def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
-    """Base model + fresh LoRA adapter; returns ``(model, trainable, total)`` parameters.
+    """Base model + fresh LoRA adapter (or, for a continued job, the adapter it continues
+    from); returns ``(model, trainable, total)`` parameters.
 
     Raises:
-        ModelLoadError: the model does not load, or ``quantization`` can't run here.
+        ModelLoadError: the model does not load, ``quantization`` can't run here, or the
+            adapter to continue from is gone or does not fit the base model.
     """
     dtype = torch.float32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -114,6 +149,18 @@ def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=spec.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.initial_adapter is not None:
+        model = _continued_adapter(base, spec)
+    else:
+        model = _fresh_adapter(base, spec)
+    trainable, total = model.get_nb_trainable_parameters()
+    # The seed recipe's report, kept for the worker log.
+    log.info("trainable params: %d || all params: %d || trainable%%: %.4f",
+             trainable, total, 100 * trainable / total)
+    return model, trainable, total
+
+
+def _fresh_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
     targets: list[str] | str = (spec.lora.target_modules
                                 or TARGET_MODULES.get(base.config.model_type) or "all-linear")
     config = LoraConfig(
@@ -125,11 +172,40 @@ def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(base, config)
+        return get_peft_model(base, config)
     except ValueError as e:
         raise ModelLoadError(f"LoRA: {e}", param="lora.target_modules") from e
-    trainable, total = model.get_nb_trainable_parameters()
-    # The seed recipe's report, kept for the worker log.
-    log.info("trainable params: %d || all params: %d || trainable%%: %.4f",
-             trainable, total, 100 * trainable / total)
-    return model, trainable, total
+
+
+def _continued_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
+    """The adapter of ``spec.initial_adapter`` on ``base``, trainable, with the spec's dropout
+    (its shape was checked against the request when the job was created).
+
+    Raises:
+        ModelLoadError: its files are gone (the API refuses to delete a model that an
+            unfinished job continues from, but retention removes the older checkpoints of a
+            job still training), or its weights do not fit ``base``.
+    """
+    assert spec.initial_adapter is not None
+    folder = storage.root() / spec.initial_adapter
+    source = spec.initial_model or spec.initial_adapter
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+        saved = load_file(folder / "adapter_model.safetensors")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"the adapter this job continues from ({source}) is gone: {e}",
+                             param="model") from e
+    config.lora_dropout = spec.lora.dropout
+    try:
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=True, config=config)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"could not load {source} to continue from: {e}",
+                             param="model") from e
+    # peft only warns about weights it could not place; a continued job must start from all.
+    loaded = get_peft_model_state_dict(model)
+    if set(loaded) != set(saved):
+        raise ModelLoadError(
+            f"the adapter of {source} does not fit base model {spec.model}: "
+            f"{len(set(saved) ^ set(loaded))} weights differ in name", param="model")
+    log.info("continuing from %s (%s)", source, folder)
+    return model

@@ -1,0 +1,262 @@
+"""The vLLM server manager's lifecycle, with a stand-in for vLLM (an HTTP server that answers
+``/health`` and ``/v1/models``): servers start on demand, make room for each other, stop when
+idle, are reported once when they die, and say why they did not start. Also which backend
+``lorafleet serve`` picks. Real vLLM runs in ``test_vllm.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.errors import Overloaded, ServiceUnavailable
+from shared.settings import Settings
+from tests.serving.conftest import run
+
+FAKE_VLLM = '''
+import http.server, json, os, sys
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+name = args[args.index("--served-model-name") + 1]
+print("fake vLLM", " ".join(args), flush=True)
+if os.environ.get("FAKE_VLLM_FAIL"):
+    print("ValueError: Unsupported CPU attention configuration: head_dim=16", flush=True)
+    sys.exit(3)
+if os.environ.get("FAKE_VLLM_SILENT"):
+    import time; time.sleep(3600)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        models = {"data": [{"id": name, "parent": None}]}
+        body = {"/health": {}, "/v1/models": models}.get(self.path)
+        data = json.dumps(body).encode()
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> str:
+    """An executable that stands in for the vLLM environment's Python."""
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    python.chmod(0o755)
+    return str(python)
+
+
+@pytest.fixture
+def other_model(tiny_model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model, tmp_path / "other-model"))
+
+
+@pytest.fixture
+def manager(fake_python: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``manager(**settings)``: a ServerManager on the fake vLLM; ``run(coro)`` runs its
+    coroutines. Servers left running are stopped at the end."""
+    from worker.serving.vllm.servers import ServerManager
+
+    made: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        settings = Settings(**{"vllm_startup_seconds": 60, **overrides})
+        client = httpx.AsyncClient(timeout=10)
+        servers = ServerManager(settings, fake_python, tmp_path / "logs", client, cpu=True)
+        made.append(servers)
+        return servers
+
+    yield make
+    for servers in made:
+        for server in servers:
+            servers._stop_process(server)
+
+
+def text_of(path: Path) -> Any:
+    from worker.serving.model_text import ModelText
+
+    return ModelText(str(path), max_context=512)
+
+
+def test_the_command_line_and_environment_follow_the_settings(manager: Any,
+                                                              tiny_model: Path) -> None:
+    servers = manager(vllm_max_loras=3, vllm_max_cpu_loras=2, vllm_max_lora_rank=32,
+                      vllm_kv_cache_gib=2)
+    argv = servers.command(text_of(tiny_model), 1234)
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enable-lora" in argv and "--enforce-eager" in argv
+    assert argv[argv.index("--model") + 1] == str(tiny_model)
+    assert argv[argv.index("--served-model-name") + 1] == str(tiny_model)
+    assert argv[argv.index("--port") + 1] == "1234"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # only the gateway reaches it
+    assert argv[argv.index("--max-loras") + 1] == "3"
+    assert argv[argv.index("--max-cpu-loras") + 1] == "3"  # never below --max-loras
+    assert argv[argv.index("--max-lora-rank") + 1] == "32"
+    assert argv[argv.index("--max-model-len") + 1] == "512"  # the model's 1024, capped
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    env = servers.environment()
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+
+def test_servers_start_on_demand_and_the_least_recently_used_idle_one_makes_room(
+    manager: Any, tiny_model: Path, other_model: Path,
+) -> None:
+    servers = manager(vllm_max_servers=1)
+
+    async def scenario() -> None:
+        first = await servers.get(text_of(tiny_model))
+        assert await servers.get(text_of(tiny_model)) is first  # started once
+        assert (await servers.client.get(f"{first.url}/health")).status_code == 200
+        assert first.served_name == str(tiny_model) and first.started_seconds is not None
+        release = first.admit(10)
+        with pytest.raises(Overloaded):  # the only slot is busy with another base model
+            await servers.get(text_of(other_model))
+        release()
+        second = await servers.get(text_of(other_model))
+        assert first.exited() and not second.exited()
+        assert [s.base_model for s in servers] == [str(other_model)]
+
+    run(scenario())
+    assert servers.starts == 2
+
+
+def test_an_idle_server_is_stopped(manager: Any, tiny_model: Path) -> None:
+    servers = manager(vllm_idle_seconds=300)
+
+    async def scenario() -> None:
+        server = await servers.get(text_of(tiny_model))
+        await servers.stop_idle()
+        assert not server.exited()  # used just now
+        server.last_used -= 301
+        release = server.admit(10)
+        await servers.stop_idle()
+        assert not server.exited()  # a request is in flight
+        release()
+        server.last_used -= 301
+        await servers.stop_idle()
+        assert server.exited() and list(servers) == []
+
+    run(scenario())
+
+
+def test_a_server_that_died_is_reported_once_then_replaced(manager: Any,
+                                                            tiny_model: Path) -> None:
+    servers = manager()
+
+    async def scenario() -> None:
+        server = await servers.get(text_of(tiny_model))
+        assert server.process is not None
+        os.killpg(server.process.pid, signal.SIGKILL)
+        while server.process.poll() is None:
+            await asyncio.sleep(0.05)
+        with pytest.raises(ServiceUnavailable) as died:
+            await servers.get(text_of(tiny_model))
+        assert died.value.status == 503
+        assert str(server.log_path) in died.value.message
+        assert "exited with code -9" in died.value.message
+        again = await servers.get(text_of(tiny_model))
+        assert again is not server and not again.exited()
+        # A death that a request in flight reported already is not reported again.
+        assert again.process is not None
+        os.killpg(again.process.pid, signal.SIGKILL)
+        while again.process.poll() is None:
+            await asyncio.sleep(0.05)
+        assert again.death().status == 503  # what the request in flight answered
+        third = await servers.get(text_of(tiny_model))
+        assert third is not again and not third.exited()
+
+    run(scenario())
+
+
+def test_a_server_that_does_not_start_says_why_and_where_its_log_is(
+    manager: Any, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "1")
+    servers = manager()
+    with pytest.raises(ServiceUnavailable) as failed:
+        run(servers.get(text_of(tiny_model)))
+    message = failed.value.message
+    assert "exited with code 3 while starting" in message
+    assert "Unsupported CPU attention configuration: head_dim=16" in message
+    log = Path(message.rsplit("its log: ", 1)[1])
+    assert log.is_file() and "fake vLLM" in log.read_text()
+
+
+def test_a_server_that_never_answers_is_given_up(manager: Any, tiny_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_SILENT", "1")
+    servers = manager(vllm_startup_seconds=1)
+    with pytest.raises(ServiceUnavailable) as failed:
+        run(servers.get(text_of(tiny_model)))
+    assert "LORAFLEET_VLLM_STARTUP_SECONDS" in failed.value.message
+    assert list(servers) == []
+
+
+def test_an_external_server_is_used_as_it_is(manager: Any, fake_python: str,
+                                             tiny_model: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.support.stack import free_port
+
+    port = free_port()
+    process = subprocess.Popen([fake_python, "-m", "x", "--port", str(port),
+                                "--served-model-name", "served-base"])
+    try:
+        servers = manager(vllm_servers={str(tiny_model): f"http://127.0.0.1:{port}/"})
+
+        async def scenario() -> Any:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    return await servers.get(text_of(tiny_model))
+                except ServiceUnavailable:
+                    assert time.monotonic() < deadline, "the stand-in did not start"
+                    await asyncio.sleep(0.1)
+
+        server = run(scenario())
+        assert server.url == f"http://127.0.0.1:{port}" and not server.managed
+        assert server.served_name == "served-base" and servers.starts == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_auto_falls_back_to_the_built_in_engine_without_vllm(
+    settings_env: Callable[..., Any], tmp_path: Path,
+) -> None:
+    from worker.serving.app import Engine, build_engine
+    from worker.serving.vllm.gateway import VllmEngine
+    from worker.serving.vllm.servers import find_vllm_python
+
+    # The test's own Python has no vllm package.
+    settings = settings_env(vllm_python=sys.executable)
+    python, why = find_vllm_python(settings)
+    assert python is None and "has no vllm package" in why
+    assert isinstance(build_engine(settings), Engine)
+    settings = settings_env(vllm_python=str(tmp_path / "none"))
+    assert "no vLLM Python" in find_vllm_python(settings)[1]
+    assert isinstance(build_engine(settings), Engine)
+    with pytest.raises(RuntimeError, match="LORAFLEET_ENGINE_BACKEND=vllm"):
+        build_engine(settings_env(vllm_python=sys.executable, engine_backend="vllm"))
+    # Servers named in the settings are enough for vLLM.
+    servers = settings_env(vllm_python=sys.executable,
+                               vllm_servers='{"/models/m": "http://10.0.0.1:8000"}')
+    assert isinstance(build_engine(servers), VllmEngine)
+    assert isinstance(build_engine(settings_env(engine_backend="builtin")), Engine)
