@@ -155,10 +155,13 @@ def send_and_wait(port: int, key: str, path: str, body: dict[str, Any]) -> socke
 def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingStack,
                                                               summarizer: Any) -> None:
     # What generates (the built-in engine, or the vLLM server behind the engine) is paused
-    # (SIGSTOP) while it generates the answer, and the client gives up meanwhile, so the
-    # generation cannot end first, however fast the machine. Once the API has hung up on the
-    # engine, the engine must stop the generation: the built-in engine at its next token once
-    # it resumes, the vLLM gateway at once, by dropping its request to vLLM (which aborts it).
+    # (SIGSTOP) while the request waits for its answer, and the client gives up meanwhile, so
+    # the generation cannot end first, however fast the machine. vLLM is paused before the
+    # request is sent (the engine admits it without asking vLLM, and it then waits on vLLM);
+    # the built-in engine, which must answer the stats read, once it is seen generating. Once
+    # the API has hung up on the engine, the engine must stop the generation: the built-in
+    # engine at its next token once it resumes, the vLLM gateway at once, by dropping its
+    # request to vLLM (which aborts it).
     assert serving.stack.api is not None
     api = psutil.Process(serving.stack.api.pid)
     engine_port = int(serving.engine_url.rsplit(":", 1)[1])
@@ -166,34 +169,39 @@ def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingSta
     before = serving.engine_stats()
     answered = "batches" if serving.backend == "builtin" else "requests"
     paused = serving.generating_processes()
+    early = serving.backend == "vllm"
     body = {"model": summarizer.model, "prompt": "Hello", "max_tokens": MAX_TOKENS_LIMIT,
             "temperature": 0}
-    client = send_and_wait(serving.stack.port, serving.stack.key, "/v1/completions", body)
-    try:
-        def generating() -> bool:
-            stats = serving.engine_stats()
-            answer_arrived = select.select([client], [], [], 0)[0]
-            assert stats[answered] == before[answered] and not answer_arrived, (
-                "the request ended before its generation was seen")
-            return bool(stats["busy"])
-
-        wait_until(generating, "the generation did not start")
+    if early:
         for process in paused:
             process.suspend()
+    try:
+        client = send_and_wait(serving.stack.port, serving.stack.key, "/v1/completions", body)
         try:
+            def generating() -> bool:
+                stats = serving.engine_stats()
+                answer_arrived = select.select([client], [], [], 0)[0]
+                assert stats[answered] == before[answered] and not answer_arrived, (
+                    "the request ended before its generation was seen")
+                return bool(stats["busy"])
+
+            wait_until(generating, "the generation did not start")
+            if not early:
+                for process in paused:
+                    process.suspend()
             upstream = upstream_ports(api, engine_port)
             client.close()  # the client gives up
             wait_until(lambda: not upstream <= upstream_ports(api, engine_port),
                        "the API kept waiting for a gone client")
-            if serving.backend == "vllm":
+            if early:
                 wait_until(lambda: serving.engine_stats()["rows_cancelled"]
                            > before["rows_cancelled"],
                            "the engine kept its request to vLLM for a gone client")
         finally:
-            for process in paused:
-                process.resume()
+            client.close()
     finally:
-        client.close()
+        for process in paused:
+            process.resume()
     wait_until(lambda: serving.engine_stats()["rows_cancelled"] > before["rows_cancelled"],
                "the engine kept generating for a gone client")
 
