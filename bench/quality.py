@@ -201,7 +201,7 @@ def techniques(model_dir: Path) -> str:
                "the LM head and the loss on the labeled (response) positions only"]
     if use_packed_attention(model):
         applied.insert(1, "per-sample attention of packed rows (SDPA per sample)")
-    skipped = []
+    skipped: list[str] = []
     (applied if run_last_layer_on_loss_positions(model) else skipped).append(
         "the last layer on the labeled positions only (Phi's parallel layer)")
     (applied if fuse_tanh_gelu(model) else skipped).append(
@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (batch 4)")
     parser.add_argument("--test", type=int, default=None, help="test dialogues")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"both sides' (default {FULL.hyper.learning_rate:g}, a job's)")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steadier figures on a shared machine; "
@@ -359,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
-    hyper = replace(plan.hyper, steps=args.steps or plan.hyper.steps)
-    plan = Plan("custom" if (args.steps or args.test or args.max_new_tokens) else plan.name,
-                hyper, args.test or plan.test_dialogues,
+    hyper = replace(plan.hyper, steps=args.steps or plan.hyper.steps,
+                    learning_rate=args.learning_rate or plan.hyper.learning_rate)
+    changed = args.steps or args.test or args.max_new_tokens or args.learning_rate
+    plan = Plan("reduced" if changed else plan.name, hyper, args.test or plan.test_dialogues,
                 args.max_new_tokens or plan.max_new_tokens)
     os.environ.setdefault("LORAFLEET_DEVICE", "cpu")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -182,9 +182,9 @@ class Settings(BaseSettings):
     eval_max_examples: int = Field(
         20,
         ge=0,
-        description="After a job with a validation file succeeds, the base and the fine-tuned "
-        "model answer this many of its first validation records (greedy) and the job gets "
-        "their ROUGE and exact-match scores (`evaluation`). 0: no evaluation.",
+        description="When a job with a validation file has trained, the base and the "
+        "fine-tuned model answer up to this many of its first validation records (greedy), and "
+        "the job gets their ROUGE and exact-match scores (`evaluation`). 0: no evaluation.",
     )
     eval_max_new_tokens: int = Field(
         64, ge=1, description="The most tokens each answer of that evaluation may have."

@@ -430,17 +430,131 @@ def test_postgres_keeps_data_in_named_volume(compose: dict[str, Any]) -> None:
     assert source and source in (compose.get("volumes") or {}), "postgres data is not persisted"
 
 
-@pytest.mark.parametrize("service", ["worker", "engine"])
-def test_gpu_services_reserve_gpus(services: dict[str, dict[str, Any]], service: str) -> None:
+def gpu_reservations(service: dict[str, Any]) -> list[dict[str, Any]]:
     devices = (
-        ((services[service].get("deploy") or {}).get("resources") or {}).get("reservations") or {}
+        ((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}
     ).get("devices") or []
-    gpus = [
+    return [
         d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
     ]
+
+
+@pytest.mark.parametrize("service", ["worker", "vllm"])
+def test_gpu_services_reserve_gpus(services: dict[str, dict[str, Any]], service: str) -> None:
+    gpus = gpu_reservations(services[service])
     assert gpus, f"{service} has no nvidia GPU device reservation"
     count = interpolate_defaults(gpus[0].get("count", "all"))
     assert count == "all" or int(count) >= 1, f"bad GPU count {count!r}"
+
+
+def test_vllm_and_training_get_different_gpus_by_default(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """vLLM takes most of its GPU's memory up front: by default it must not share training's."""
+    [train] = gpu_reservations(services["worker"])
+    [serve] = gpu_reservations(services["vllm"])
+    train_ids = {i for d in train["device_ids"] for i in interpolate_defaults(d).split(",")}
+    serve_ids = {i for d in serve["device_ids"] for i in interpolate_defaults(d).split(",")}
+    assert train_ids and serve_ids and not train_ids & serve_ids, (train_ids, serve_ids)
+    assert not gpu_reservations(services["engine"]), "the engine only relays: it needs no GPU"
+
+
+# --- the vLLM service ------------------------------------------------------------------------
+
+
+def makefile_vllm_version() -> str:
+    m = re.search(r"^VLLM_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert m, "the Makefile pins no VLLM_VERSION"
+    return m.group(1)
+
+
+def vllm_flags(service: dict[str, Any]) -> dict[str, str | None]:
+    """The vllm service's server flags, ``--flag value`` or ``--flag`` (None)."""
+    argv = [interpolate_defaults(a) for a in as_argv(service["command"])]
+    flags: dict[str, str | None] = {}
+    for i, token in enumerate(argv):
+        if token.startswith("--"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            flags[token] = None if nxt is None or nxt.startswith("--") else nxt
+        else:
+            assert i and argv[i - 1].startswith("--"), f"stray argument {token!r}"
+    return flags
+
+
+def engine_settings(services: dict[str, dict[str, Any]],
+                    monkeypatch: pytest.MonkeyPatch) -> Settings:
+    prefix = settings_env_prefix()
+    for key in list(os.environ):
+        if key.upper().startswith(prefix):
+            monkeypatch.delenv(key)
+    for key, value in as_env_dict(services["engine"].get("environment")).items():
+        monkeypatch.setenv(key, interpolate_defaults(value))
+    return Settings()
+
+
+def test_vllm_is_the_official_image_at_the_tested_version(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    vllm = services["vllm"]
+    assert vllm["image"] == f"vllm/vllm-openai:v{makefile_vllm_version()}"
+    assert "build" not in vllm, "the official image, not one of ours"
+    # The OpenAI server module, as the engine runs it itself (`vllm serve` is the same server).
+    assert as_argv(vllm["entrypoint"])[1:] == ["-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_the_engine_relays_to_vllm_with_the_same_bounds(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine service sends its base model to the vllm service, on the compose network,
+    and both sides agree on the LoRA and context bounds the engine checks requests against."""
+    flags = vllm_flags(services["vllm"])
+    settings = engine_settings(services, monkeypatch)
+    model = flags["--model"]
+    assert model and flags["--served-model-name"] == model
+    assert settings.engine_backend == "vllm"
+    assert settings.vllm_servers == {model: f"http://vllm:{flags['--port']}"}
+    assert flags["--host"] == "0.0.0.0"
+    assert "--enable-lora" in flags and flags["--enable-lora"] is None
+    assert int(flags["--max-lora-rank"] or 0) == settings.vllm_max_lora_rank
+    assert int(flags["--max-loras"] or 0) == settings.vllm_max_loras
+    assert int(flags["--max-cpu-loras"] or 0) == settings.vllm_max_cpu_loras
+    assert int(flags["--max-model-len"] or 0) == settings.vllm_max_model_len
+    env = as_env_dict(services["vllm"].get("environment"))
+    assert env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "true"
+    deps = services["engine"].get("depends_on") or {}
+    assert "vllm" in deps
+
+
+def test_the_vllm_service_runs_the_flags_the_engine_gives_its_own_servers(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every flag of a server the engine starts itself is on the compose one too, but those
+    for the CPU (float32, eager mode) and the listening address."""
+    from types import SimpleNamespace
+
+    from worker.serving.vllm.servers import ServerManager
+
+    settings = engine_settings(services, monkeypatch)
+    servers = ServerManager(settings, "python", ROOT, client=None, cpu=False)  # type: ignore[arg-type]
+    text = SimpleNamespace(name="org/model", context_length=settings.vllm_max_model_len)
+    managed = {a for a in servers.command(text, 1234) if a.startswith("--")}  # type: ignore[arg-type]
+    assert managed - {"--dtype", "--enforce-eager"} <= set(vllm_flags(services["vllm"]))
+
+
+def test_vllm_sees_the_storage_read_only_and_publishes_nothing(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    source, target = storage_mount(services, "engine")
+    vllm = services["vllm"]
+    mounts = [v for v in vllm.get("volumes", []) if parse_volume(v) == (source, target)]
+    assert len(mounts) == 1, f"vllm does not mount {source} at {target}: {vllm.get('volumes')}"
+    spec = mounts[0]
+    read_only = spec.get("read_only") if isinstance(spec, dict) else spec.endswith(":ro")
+    assert read_only, "vllm only reads adapters: mount the storage read-only"
+    assert not vllm.get("ports"), "vLLM has no keys: only the engine may reach it"
+    m = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)/health\b", healthcheck_text(vllm))
+    assert m and m.group(1) == vllm_flags(vllm)["--port"], "vllm healthcheck misses /health"
 
 
 def test_worker_stop_grace_covers_preemption_checkpoint(
@@ -791,6 +905,11 @@ def test_prometheus_scrapes_the_api_and_every_worker(
     # Docker's DNS answers the service name with the address of every replica.
     assert discovery["names"] == ["worker"] and discovery.get("type", "SRV") == "A"
     assert discovery["port"] == worker_port
+
+    # vLLM's own numbers, from the vllm service's port.
+    vllm_port = vllm_flags(services["vllm"])["--port"]
+    assert [t for c in jobs["vllm"]["static_configs"] for t in c["targets"]] == [
+        f"vllm:{vllm_port}"]
 
 
 def test_grafana_provisions_prometheus_and_the_dashboards(

@@ -113,7 +113,9 @@ def generate_answers(model: Any, tokenizer: Any, examples: list[EvalExample], *,
         EvaluationStopped: ``should_stop`` returned a reason between two batches.
     """
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad = tokenizer.pad_token_id
+    if pad is None:  # never attended to (mask 0) nor decoded past a stop: any id will do
+        pad = stop_ids[0] if stop_ids else 0
     answers = [""] * len(examples)
     for batch in _batches(examples):
         if should_stop is not None and (reason := should_stop()):
@@ -269,8 +271,8 @@ def record_evaluation(job: JobWriter, spec: TrainingSpec, adapter_dir: Path,
     if max_examples <= 0:
         return None
     started = time.perf_counter()
-    job.write(best_effort=True, event=f"Evaluating the base model and the fine-tuned model on "
-              f"up to {max_examples} validation records")
+    job.write(best_effort=True, event="Evaluating the base model and the fine-tuned model on "
+              f"the validation records (at most {max_examples})")
     try:
         card = evaluate(spec, adapter_dir, validation_path, device=device,
                         max_examples=max_examples, max_new_tokens=max_new_tokens,

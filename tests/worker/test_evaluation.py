@@ -186,8 +186,8 @@ def test_the_card_goes_on_the_job_with_an_event(
 
     assert card is not None and card.examples == 4 and card.max_new_tokens == 8
     [start, write] = writer.writes
-    assert start["event"] == ("Evaluating the base model and the fine-tuned model on up to 4 "
-                              "validation records")
+    assert start["event"] == ("Evaluating the base model and the fine-tuned model on the "
+                              "validation records (at most 4)")
     assert Evaluation.model_validate(write["evaluation"]) == card
     assert write["event"].startswith("Evaluation on 4 validation example(s): ROUGE-L base ")
     assert write["event_data"]["fine_tuned"] == card.fine_tuned.model_dump()
