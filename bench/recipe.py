@@ -50,6 +50,9 @@ class RunResult:
     dropped: int = 0
     first_step_seconds: float = 0.0  # from the start of the loop to the end of step 1
     first_step_tokens: int = 0
+    # CPU time of this process over the same span: with one torch thread, the work done,
+    # which other processes on a shared machine do not inflate (0.0: not measured).
+    cpu_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -163,11 +166,14 @@ def train_recipe(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper, *,
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=[_Clock()])
     clock.start = t0 = time.perf_counter()
+    cpu0 = time.process_time()
     trainer.train()
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     adapter = out_dir / "adapter"
     model.save_pretrained(str(adapter))
     return RunResult(label, seconds, collator.real, collator.padded, trainer.state.global_step,
                      adapter, dropped=before - len(dataset),
                      first_step_seconds=clock.first or 0.0,
-                     first_step_tokens=sum(collator.batches[:hp.grad_accum]))
+                     first_step_tokens=sum(collator.batches[:hp.grad_accum]),
+                     cpu_seconds=cpu)

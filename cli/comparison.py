@@ -44,23 +44,29 @@ def wait_engine(engine: str) -> bool:
         time.sleep(0.5)
 
 
+def _post(base: str, key: str, path: str, body: dict[str, Any], what: str) -> Any | None:
+    """One request to the API; its JSON answer, or None (reported) if it failed: the demo is
+    about training, so a failure here is not fatal."""
+    try:
+        r = httpx.post(f"{base}{path}", headers={"Authorization": f"Bearer {key}"}, json=body,
+                       timeout=ENGINE_TIMEOUT_S + 120)
+    except httpx.HTTPError as e:
+        print(f"lorafleet demo: {what} failed: {e}", file=sys.stderr)
+        return None
+    if r.status_code != 200:
+        print(f"lorafleet demo: {what} failed: HTTP {r.status_code} {r.text}", file=sys.stderr)
+        return None
+    return r.json()
+
+
 def complete(base: str, key: str, model: str, prompt: str, max_tokens: int,
              stop: list[str] | None = None) -> str | None:
     """One greedy completion through the API's ``/v1/completions``; None (reported) if it
-    failed: the demo is about training, so a failure here is not fatal."""
+    failed."""
     body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
                             "temperature": 0, **({"stop": stop} if stop else {})}
-    try:
-        r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                       json=body, timeout=ENGINE_TIMEOUT_S + 120)
-    except httpx.HTTPError as e:
-        print(f"lorafleet demo: completion failed: {e}", file=sys.stderr)
-        return None
-    if r.status_code != 200:
-        print(f"lorafleet demo: completion failed: HTTP {r.status_code} {r.text}",
-              file=sys.stderr)
-        return None
-    return str(r.json()["choices"][0]["text"])
+    answer = _post(base, key, "/v1/completions", body, "completion")
+    return None if answer is None else str(answer["choices"][0]["text"])
 
 
 def try_completion(base: str, key: str, engine: str, model: str) -> None:
@@ -105,18 +111,8 @@ def chat(base: str, key: str, model: str, content: str, max_tokens: int) -> str 
     failed."""
     body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0}
-    try:
-        r = httpx.post(f"{base}/v1/chat/completions",
-                       headers={"Authorization": f"Bearer {key}"}, json=body,
-                       timeout=ENGINE_TIMEOUT_S + 120)
-    except httpx.HTTPError as e:
-        print(f"lorafleet demo: chat completion failed: {e}", file=sys.stderr)
-        return None
-    if r.status_code != 200:
-        print(f"lorafleet demo: chat completion failed: HTTP {r.status_code} {r.text}",
-              file=sys.stderr)
-        return None
-    return str(r.json()["choices"][0]["message"]["content"])
+    answer = _post(base, key, "/v1/chat/completions", body, "chat completion")
+    return None if answer is None else str(answer["choices"][0]["message"]["content"])
 
 
 def compare_answers(base: str, key: str, engine: str, job: dict[str, Any],

@@ -16,8 +16,9 @@ def scores(rouge_l: float) -> EvaluationScores:
 
 
 def outcome() -> quality.Outcome:
-    runs = {"recipe": RunResult("recipe", 100.0, 10_000, 15_000, 30, Path("a")),
-            "lorafleet": RunResult("lorafleet", 50.0, 10_100, 10_100, 30, Path("b"))}
+    runs = {"recipe": RunResult("recipe", 100.0, 10_000, 15_000, 30, Path("a"), cpu_seconds=80.0),
+            "lorafleet": RunResult("lorafleet", 50.0, 10_100, 10_100, 30, Path("b"),
+                                   cpu_seconds=50.5)}
     result = quality.Outcome(quality.QUICK, "some records", 40, 1, ("1.0", "2.0"),
                              techniques="On this llama model ...")
     result.formats.append(quality.FormatOutcome("dolly", runs, {
@@ -30,11 +31,13 @@ def test_the_report_has_a_row_per_model_and_the_verdicts() -> None:
     md = quality.markdown(outcome(), "a machine")
 
     assert md.startswith(f"## {quality.SECTION}\n")
-    assert "| `dolly` | **lorafleet** | 0.350 | 0.100 | 0.300 | 202.0 | 2.02 |" in md
-    assert "| `dolly` | recipe | 0.300 | 0.083 | 0.250 | 100.0 | 1.00 |" in md
-    assert "| `dolly` | base, chat template | 0.250 | 0.067 | 0.200 |  |  |" in md
+    assert ("| `dolly` | **lorafleet** | 0.350 | 0.100 | 0.300 | 202.0 | 2.02 | 200.0 | 1.60 |"
+            in md)
+    assert "| `dolly` | recipe | 0.300 | 0.083 | 0.250 | 100.0 | 1.00 | 125.0 | 1.00 |" in md
+    assert "| `dolly` | base, chat template | 0.250 | 0.067 | 0.200 |  |  |  |  |" in md
     assert ("- `dolly`: lorafleet ROUGE-L 0.300 vs recipe 0.250 (≥ recipe), +0.100 over the "
-            "better base prompt (goal ≥ +0.08), 2.02× the recipe's tokens/s (goal ≥ 1.5×)") in md
+            "better base prompt (goal ≥ +0.08), 2.02× the recipe's tokens/s (1.60× per CPU "
+            "second) (goal ≥ 1.5×)") in md
 
 
 def test_the_section_is_replaced_and_the_others_kept(tmp_path: Path) -> None:

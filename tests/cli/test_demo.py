@@ -51,3 +51,56 @@ def test_a_narrow_terminal_puts_the_answers_one_under_the_other() -> None:
     text = comparison.side_by_side(("base:", "echo"), ("fine-tuned:", "a summary."), width=40)
 
     assert text.splitlines() == ["    base:", "      echo", "    fine-tuned:", "      a summary."]
+
+
+def test_the_base_model_is_asked_in_chat_and_the_fine_tune_with_its_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """compare_answers asks the base model through chat (instruction and dialogue) and the
+    fine-tuned model through completions (the dialogue alone: the API applies its format)."""
+    import httpx
+
+    sent: list[tuple[str, dict[str, object]]] = []
+
+    def post(url: str, *, headers: dict[str, str], json: dict[str, object],
+             timeout: float) -> httpx.Response:
+        sent.append((url, json))
+        assert headers == {"Authorization": "Bearer sk-test"}
+        if url.endswith("/v1/chat/completions"):
+            return httpx.Response(200, json={"choices": [{"message": {"content": "an echo"}}]})
+        return httpx.Response(200, json={"choices": [{"text": " #Person1# pays."}]})
+
+    monkeypatch.setattr(comparison.httpx, "post", post)
+    monkeypatch.setattr(comparison, "wait_engine", lambda engine: True)
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text(json.dumps({"dialogue": "#Person1#: Hi.", "summary": "They greet."}) + "\n")
+    job = {"model": "/models/smollm2", "fine_tuned_model": "ft:smollm2:demo:ftjob-1",
+           "prompt_format": {"type": "dolly", "instruction": "Summarize the dialogue."}}
+
+    comparison.compare_answers("http://api", "sk-test", "http://engine", job, valid)
+
+    [(chat_url, chat_body), (done_url, done_body)] = sent
+    assert chat_url == "http://api/v1/chat/completions"
+    assert chat_body["model"] == "/models/smollm2" and chat_body["temperature"] == 0
+    assert chat_body["messages"] == [
+        {"role": "user", "content": "Summarize the dialogue.\n\n#Person1#: Hi."}]
+    assert done_url == "http://api/v1/completions"
+    assert done_body["model"] == "ft:smollm2:demo:ftjob-1"
+    assert done_body["prompt"] == "#Person1#: Hi."
+    out = capsys.readouterr().out
+    assert "reference summary: They greet." in out
+    assert "an echo" in out and "#Person1# pays." in out
+
+
+def test_a_failed_request_is_reported_not_raised(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import httpx
+
+    def post(url: str, **kwargs: object) -> httpx.Response:
+        return httpx.Response(503, json={"error": {"message": "engine down"}})
+
+    monkeypatch.setattr(comparison.httpx, "post", post)
+
+    assert comparison.complete("http://api", "k", "m", "p", 8) is None
+    assert "completion failed: HTTP 503" in capsys.readouterr().err
