@@ -272,10 +272,12 @@ class Settings(BaseSettings):
     vllm_max_cpu_loras: int = Field(
         32, ge=1, description="vLLM --max-cpu-loras: adapters kept loaded in host memory."
     )
-    vllm_max_lora_rank: int = Field(
-        64,
+    vllm_max_lora_rank: int | None = Field(
+        None,
         description="vLLM --max-lora-rank (1, 8, 16, 32, 64, 128, 256, 320 or 512): adapters "
-        "of a higher rank are refused. Memory per adapter slot grows with it.",
+        "of a higher rank are refused. Memory per adapter slot grows with it, and on the CPU "
+        "time too (vLLM's CPU LoRA kernels compute at this rank whatever the adapter's). "
+        "Unset: 16 when vLLM runs on the CPU, 64 on a GPU.",
     )
     vllm_max_model_len: int = Field(
         4096, ge=16, description="Longest sequence a vLLM server takes (capped by the model's "
@@ -294,8 +296,8 @@ class Settings(BaseSettings):
 
     @field_validator("vllm_max_lora_rank")
     @classmethod
-    def _vllm_rank(cls, v: int) -> int:
-        if v not in VLLM_LORA_RANKS:
+    def _vllm_rank(cls, v: int | None) -> int | None:
+        if v is not None and v not in VLLM_LORA_RANKS:
             raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's "
                              "choices)")
         return v

@@ -115,6 +115,22 @@ def test_the_command_line_and_environment_follow_the_settings(manager: Any,
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
+@pytest.mark.parametrize(("setting", "cpu", "rank"), [
+    (None, True, "16"), (None, False, "64"), (8, True, "8"), (128, False, "128")])
+def test_the_max_lora_rank_is_the_setting_else_the_devices_default(
+    manager: Any, tiny_model: Path, setting: int | None, cpu: bool, rank: str,
+) -> None:
+    """vLLM's CPU LoRA kernels cost time in proportion to --max-lora-rank: unset, a CPU server
+    gets 16 and a GPU one 64."""
+    from worker.serving.vllm.servers import max_lora_rank
+
+    servers = manager(vllm_max_lora_rank=setting)
+    servers.cpu = cpu
+    argv = servers.command(text_of(tiny_model), 1234)
+    assert argv[argv.index("--max-lora-rank") + 1] == rank
+    assert max_lora_rank(servers.settings, cpu) == int(rank)
+
+
 def test_servers_start_on_demand_and_the_least_recently_used_idle_one_makes_room(
     manager: Any, tiny_model: Path, other_model: Path,
 ) -> None:

@@ -34,7 +34,7 @@ from worker.serving.model_text import ModelText
 from worker.serving.prompts import Prepared, chat_prompt, completion_prompts, make_rows
 from worker.serving.vllm import relay
 from worker.serving.vllm.lora import Loras, check_rank
-from worker.serving.vllm.servers import ServerManager, VllmServer
+from worker.serving.vllm.servers import ServerManager, VllmServer, max_lora_rank
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class VllmEngine:
             timeout=httpx.Timeout(settings.engine_timeout_seconds, connect=5.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
         self.servers = ServerManager(settings, python, log_dir, self.client, cpu)
+        self.max_lora_rank = max_lora_rank(settings, cpu)
         self.loras = Loras(settings, self.client)
         self._texts: dict[str, ModelText] = {}
         self._texts_lock = threading.Lock()
@@ -111,7 +112,7 @@ class VllmEngine:
         ref = served_adapter(target.adapter_path, self.adapter_root)
         if ref is not None and ref.name not in self._checked:
             check_adapter(ref.path, text.config)  # once per version, before it is loaded
-            check_rank(ref, self.settings.vllm_max_lora_rank)
+            check_rank(ref, self.max_lora_rank)
             self._checked.add(ref.name)
         if isinstance(body, EngineChatRequest):
             prompts = [chat_prompt(text, target, body)]

@@ -47,6 +47,20 @@ _ERROR_LINE = re.compile(r"(Error|error:|Exception|Unsupported)")
 _PR_SET_PDEATHSIG = 1
 
 
+# vLLM's CPU LoRA kernels compute at --max-lora-rank whatever the adapter's rank: adapter rows
+# took 5.7x the base model's time at 64 and 1.8x at 8 (BENCHMARKS.md, "Serving"). 16 serves
+# the default rank (8) and the common 16 at a fraction of 64's cost; GPUs keep vLLM's room.
+CPU_MAX_LORA_RANK = 16
+GPU_MAX_LORA_RANK = 64
+
+
+def max_lora_rank(settings: Settings, cpu: bool) -> int:
+    """The --max-lora-rank of the vLLM servers: the setting, else the device's default."""
+    if settings.vllm_max_lora_rank is not None:
+        return settings.vllm_max_lora_rank
+    return CPU_MAX_LORA_RANK if cpu else GPU_MAX_LORA_RANK
+
+
 def find_vllm_python(settings: Settings) -> tuple[str | None, str]:
     """The Python of the vLLM environment, and why (or why not) there is one.
 
@@ -270,7 +284,7 @@ class ServerManager:
             "--served-model-name", text.name, "--host", "127.0.0.1", "--port", str(port),
             "--enable-lora", "--max-loras", str(s.vllm_max_loras),
             "--max-cpu-loras", str(max(s.vllm_max_cpu_loras, s.vllm_max_loras)),
-            "--max-lora-rank", str(s.vllm_max_lora_rank),
+            "--max-lora-rank", str(max_lora_rank(s, self.cpu)),
             "--max-model-len", str(text.context_length),
             # float32 on the CPU, as peft generates there: greedy tokens then match.
             "--dtype", "float32" if self.cpu else "auto",
