@@ -8,19 +8,15 @@ status is polled), and starts ``lorafleet serve`` with one backend at a time
 :func:`run_calls` sends streaming completions (``stream: true``) through the API, all at once
 or one at a time, and times each one: time to the first chunk with text (TTFT) and to the end
 of the stream, with the completion tokens from the usage chunk. :func:`run_interleaved` sends a
-short request while a long batch is generating. :func:`status_poll` polls a job's status in
-windows that alternate between an idle engine and one kept saturated by clients sending
-completions (from a separate process, so that they do not slow the poller down), optionally
-with the web console open on that job in headless Chromium. Used by ``bench/serving.py``.
+short request while a long batch is generating. Used by ``bench/serving.py`` and
+``bench/serving_polls.py``; the serving tests stop their engine with :func:`stop_engine`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -106,6 +102,40 @@ def _insert_jobs(storage: Path, model: Path, adapters: list[Path]) -> tuple[list
 
 
 # --------------------------------------------------------------------------- processes
+def stop_engine(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a ``lorafleet serve`` process; with it, the vLLM servers it started (whatever
+    becomes of it). The serving tests stop their engine with this too."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=45)  # it stops its vLLM servers first
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    for child in children:  # vLLM servers run in sessions of their own
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def max_lora_rank(cmdlines: list[list[str]]) -> int | None:
+    """The ``--max-lora-rank`` a vLLM server was started with, from the command lines of the
+    engine's child processes (None: none of them has it)."""
+    for cmd in cmdlines:
+        for i, word in enumerate(cmd):
+            if word == "--max-lora-rank" and i + 1 < len(cmd):
+                return int(cmd[i + 1])
+            if word.startswith("--max-lora-rank="):
+                return int(word.split("=", 1)[1])
+    return None
+
+
 class LiveService:
     """``lorafleet api`` and, one backend at a time, ``lorafleet serve``, as real processes.
 
@@ -179,26 +209,9 @@ class LiveService:
 
     def stop_engine(self) -> None:
         """Stop the engine and, with it, the vLLM servers it started."""
-        import psutil
-
         proc, self.engine = self.engine, None
-        if proc is None:
-            return
-        try:
-            children = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=45)  # it stops its vLLM servers first
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        for child in children:  # vLLM servers run in sessions of their own
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+        if proc is not None:
+            stop_engine(proc)
 
     def close(self) -> None:
         self.stop_engine()
@@ -219,6 +232,18 @@ class LiveService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _engine_children(self) -> list[list[str]]:
+        """The command lines of the engine's child processes (its vLLM servers)."""
+        import psutil
+
+        if self.engine is None:
+            return []
+        out = []
+        for child in psutil.Process(self.engine.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                out.append(child.cmdline())
+        return out
 
     def engine_stats(self) -> dict[str, Any]:
         import httpx
@@ -259,6 +284,9 @@ class LiveService:
                 raise RuntimeError(f"vLLM checked {stats['parity_checks']} parity probes and "
                                    f"refused {stats['adapters_refused']} of "
                                    f"{len(self.names)} adapters")
+            rank = max_lora_rank(self._engine_children())
+            if rank is not None:
+                out["max_lora_rank"] = rank
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 out["vllm_version"] = httpx.get(f"{server['url']}/version",
                                                 timeout=10).json()["version"]
@@ -413,184 +441,3 @@ def run_interleaved(url: str, key: str, long: list[Call], short: Call,
             return out
 
     return asyncio.run(main())
-
-
-# --------------------------------------------------------------------------- status polls
-def _load(url: str, key: str, models: list[str], concurrency: int, max_tokens: int,
-          go: Any, stop: Any, sent: Any) -> None:
-    """A separate process: ``concurrency`` clients sending completions while ``go`` is set,
-    until ``stop``."""
-    import httpx
-
-    async def client(i: int, http: httpx.AsyncClient) -> None:
-        n = 0
-        while not stop.is_set():
-            if not go.is_set():
-                await asyncio.sleep(0.01)
-                continue
-            r = await http.post("/v1/completions", json={
-                "model": models[(i + n) % len(models)], "prompt": f"Hello number {n}",
-                "max_tokens": max_tokens, "temperature": 0})
-            r.raise_for_status()
-            n += 1
-            with sent.get_lock():
-                sent.value += 1
-
-    async def main() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=300,
-                                     limits=httpx.Limits(max_connections=256),
-                                     headers={"Authorization": f"Bearer {key}"}) as http:
-            await asyncio.gather(*(client(i, http) for i in range(concurrency)))
-
-    asyncio.run(main())
-
-
-def _poll(http: Any, job_id: str, seconds: float) -> list[float]:
-    """``GET`` the job every 20 ms for ``seconds`` (a client watching its job); latencies in
-    milliseconds."""
-    times = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        start = time.perf_counter()
-        http.get(f"/v1/fine_tuning/jobs/{job_id}").raise_for_status()
-        times.append((time.perf_counter() - start) * 1000)
-        time.sleep(0.02)
-    return times
-
-
-def chromium_path() -> str | None:
-    """The system's Chromium (as the console's browser tests find it)."""
-    return (os.environ.get("LORAFLEET_TEST_CHROMIUM") or shutil.which("chromium")
-            or shutil.which("chromium-browser"))
-
-
-class ConsoleTab:
-    """The web console in headless Chromium, signed in with the benchmark's key; open on a
-    job's page (:meth:`show`, the console then polls it at its own bounded interval) or on
-    a blank page (:meth:`hide`)."""
-
-    def __init__(self, url: str, key: str, chromium: str):
-        from playwright.sync_api import sync_playwright
-
-        self.url = url
-        self._playwright = sync_playwright().start()
-        try:
-            # --no-sandbox: run as root, Chromium's sandbox refuses to start.
-            self.browser = self._playwright.chromium.launch(executable_path=chromium,
-                                                            args=["--no-sandbox"])
-            self.page = self.browser.new_page(viewport={"width": 1280, "height": 900})
-            self.page.goto(f"{url}/console")
-            self.page.get_by_label("API key").fill(key)
-            self.page.get_by_role("button", name="Sign in").click()
-            self.page.get_by_role("heading", name="Fine-tuning jobs", exact=True).wait_for()
-        except BaseException:
-            self.close()
-            raise
-
-    def _fetches(self, part: str) -> int:
-        return int(self.page.evaluate(
-            "(part) => performance.getEntriesByType('resource')"
-            ".filter(e => e.initiatorType === 'fetch' && e.name.includes(part)).length",
-            part))
-
-    def show(self, job_id: str) -> None:
-        """Open the job's page; returns once the page has read the job."""
-        self.page.goto(f"{self.url}/console#/jobs/{job_id}")
-        self.page.evaluate("performance.setResourceTimingBufferSize(5000)")
-        self.page.wait_for_function(
-            "(id) => performance.getEntriesByType('resource')"
-            ".some(e => e.initiatorType === 'fetch' && e.name.includes(id))", arg=job_id)
-
-    def hide(self) -> int:
-        """Leave the job's page for a blank one; returns the API requests the page made."""
-        count = self._fetches("/v1/")
-        self.page.goto("about:blank")
-        return count
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.browser.close()
-        with contextlib.suppress(Exception):
-            self._playwright.stop()
-
-
-def status_poll(service: LiveService, args: argparse.Namespace, console: bool
-                ) -> dict[str, Any]:
-    """p50/p99 of ``GET /v1/fine_tuning/jobs/{id}`` with the engine idle and saturated by
-    ``args.requests`` clients sending completions through the API, in ``args.windows``
-    alternating windows (slow changes in the machine's load stay out of the comparison);
-    with ``console``, each idle and saturated pair of windows is followed by another pair
-    with the web console open on the job's page (opened before, closed after the pair).
-    """
-    import httpx
-
-    chromium = chromium_path() if console else None
-    results: dict[str, Any] = {"load_clients": args.requests, "windows": args.windows,
-                               "window_seconds": round(args.poll_seconds / args.windows, 2),
-                               "load_average": round(os.getloadavg()[0], 2)}
-    tab: ConsoleTab | None = None
-    if not console:
-        results["console"] = "not opened (--no-console)"
-    elif chromium is None:
-        results["console"] = "skipped: no Chromium (apt-get install chromium)"
-    else:
-        try:
-            tab = ConsoleTab(service.url, service.key, chromium)
-            results["console"] = f"headless {tab.browser.version}"
-        except Exception as e:  # noqa: BLE001 - the console row is optional
-            results["console"] = f"skipped: {type(e).__name__}: {e}"
-
-    ctx = multiprocessing.get_context("spawn")
-    go, stop, sent = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
-    loader = ctx.Process(target=_load, daemon=True,
-                         args=(service.url, service.key, service.names, args.requests,
-                               args.max_tokens, go, stop, sent))
-    loader.start()
-    times: dict[str, list[float]] = {}
-    console_requests = 0
-    window = args.poll_seconds / args.windows
-    headers = {"Authorization": f"Bearer {service.key}"}
-    try:
-        with httpx.Client(base_url=service.url, headers=headers, timeout=60) as http:
-            _poll(http, service.polled, 1)  # warm-up
-            for _ in range(args.windows):
-                for with_console in ([False, True] if tab is not None else [False]):
-                    if tab is not None and with_console:
-                        # Open, then kept open through an idle and a saturated window; its
-                        # page load is over before the polls are timed.
-                        tab.show(service.polled)
-                        time.sleep(CONSOLE_SETTLE_SECONDS)
-                    for mode in ("idle", "busy"):
-                        if mode == "idle":
-                            go.clear()
-                            while (state := service.engine_stats())["busy"] or state["queued"]:
-                                time.sleep(0.05)
-                        else:
-                            go.set()
-                            while not service.engine_stats()["busy"]:
-                                time.sleep(0.01)
-                        name = mode + ("_console" if with_console else "")
-                        times.setdefault(name, []).extend(_poll(http, service.polled, window))
-                    if tab is not None and with_console:
-                        console_requests += tab.hide()
-    finally:
-        stop.set()
-        go.clear()
-        loader.join(timeout=120)
-        if loader.is_alive():
-            loader.terminate()
-        if tab is not None:
-            tab.close()
-    for name, values in times.items():
-        results[name] = {"polls": len(values), "p50_ms": round(percentile(values, 50), 2),
-                         "p99_ms": round(percentile(values, 99), 2)}
-    idle = results["idle"]["p99_ms"]
-    results["p99_ratio"] = round(results["busy"]["p99_ms"] / idle, 2)
-    if tab is not None:
-        results["console_p99_ratio"] = round(results["busy_console"]["p99_ms"] / idle, 2)
-        results["console_idle_p99_ratio"] = round(results["idle_console"]["p99_ms"] / idle, 2)
-        results["console_api_requests"] = console_requests
-        results["console_seconds"] = round((2 * window + CONSOLE_SETTLE_SECONDS)
-                                           * args.windows, 1)
-    results["completions"] = sent.value
-    return results

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,66 +17,16 @@ from typing import Any
 import httpx
 import pytest
 
+# One adapter builder and one engine stopper for the serving tests and the serving benchmark
+# (the bench never imports from tests/).
+from bench.serving_fixtures import build_adapter as build_adapter
+from bench.serving_latency import stop_engine
 from tests.support.stack import CLI, LIVE_STACKS, REPO_ROOT, Stack, StackError, free_port
 
 torch = pytest.importorskip("torch")
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
-
 
 # --------------------------------------------------------------------------- adapters
-def build_adapter(base: Path, dest: Path, seed: int, *, prompt_format: dict[str, Any] | None = None,
-                  r: int = 8, std: float = 0.3, probe: bool = False) -> Path:
-    """Save a LoRA adapter of ``base`` with random, non-zero weights drawn from ``seed`` (so
-    different seeds give clearly different outputs), in the worker's layout: PEFT files plus
-    ``lorafleet.json`` (with the worker's parity probe if ``probe``). An existing ``dest`` is
-    replaced the way the worker replaces it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base),
-            LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS,
-                       init_lora_weights=False, task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0.0, std)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    meta: dict[str, Any] = {"base_model": str(base),
-                            "prompt_format": prompt_format or {"type": "dolly"},
-                            "max_length": 1024}
-    if probe:
-        meta["parity_probe"] = parity_probe_of(model, base, meta["prompt_format"])
-    (tmp / "lorafleet.json").write_text(json.dumps(meta))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
-
-
-def parity_probe_of(model: Any, base: Path, prompt_format: dict[str, Any]) -> dict[str, Any]:
-    """The probe the worker records for a trained adapter (``worker.training.probe``)."""
-    from shared.schemas import LoraSpec, TrainingSpec
-    from shared.templates import PromptFormat
-    from worker.loading import load_tokenizer
-    from worker.training.probe import parity_probe
-
-    spec = TrainingSpec(model=str(base), training_file="file-x", lora=LoraSpec(),
-                        prompt_format=PromptFormat.model_validate(prompt_format), max_length=1024,
-                        max_steps=1, n_epochs=1, batch_size=1, gradient_accumulation_steps=1,
-                        learning_rate=1e-4, warmup=0, save_steps=1, logging_steps=1,
-                        train_on_inputs=False, packing=False, seed=0)
-    probe = parity_probe(model, load_tokenizer(str(base)), spec)
-    assert probe is not None, "the worker made no parity probe"
-    return probe
-
-
 @pytest.fixture(scope="session")
 def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three adapters of the tiny model with different random weights (read-only)."""
@@ -225,27 +172,6 @@ def warm_up(engine_url: str, base_model: Path, timeout: float = 900.0) -> None:
         "target": target})
     if answer.status_code != 200:
         raise StackError(f"the engine did not start vLLM: {answer.status_code} {answer.text}")
-
-
-def stop_engine(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the engine; with it, the vLLM servers it started (whatever becomes of it)."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=45)  # it stops its vLLM servers first
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    for child in children:  # vLLM servers run in sessions of their own
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 @pytest.fixture(scope="module")
