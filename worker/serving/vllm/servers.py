@@ -47,9 +47,10 @@ _ERROR_LINE = re.compile(r"(Error|error:|Exception|Unsupported)")
 _PR_SET_PDEATHSIG = 1
 
 
-# vLLM's CPU LoRA kernels compute at --max-lora-rank whatever the adapter's rank: adapter rows
-# took 5.7x the base model's time at 64 and 1.8x at 8 (BENCHMARKS.md, "Serving"). 16 serves
-# the default rank (8) and the common 16 at a fraction of 64's cost; GPUs keep vLLM's room.
+# vLLM's CPU LoRA kernels compute at --max-lora-rank whatever the adapter's rank: rank-8
+# adapter rows took 5.7x the base model's time at 64, 3.1x at 16 and 1.2x at 8 (BENCHMARKS.md,
+# "Serving"). 16 serves the default rank (8) and the common 16 at about half 64's cost; GPUs
+# keep vLLM's room.
 CPU_MAX_LORA_RANK = 16
 GPU_MAX_LORA_RANK = 64
 
