@@ -39,13 +39,14 @@ class EngineClient:
     async def forward(self, path: str, payload: dict[str, Any],
                       caller: Request | None = None) -> Response:
         """POST ``payload`` to the engine; its answer as a response (streamed if it streams).
-        If ``caller`` disconnects before a non-streamed answer is ready, the engine request is
-        dropped, which stops its generation (a stream does the same by itself).
+        If ``caller`` disconnects before the answer is ready (a stream: before the engine
+        starts it), the engine request is dropped, which stops its generation; a stream that
+        has started does the same by itself.
 
         Raises:
             ServiceUnavailable: the engine does not answer.
         """
-        if caller is None or payload.get("stream"):
+        if caller is None:
             return await self._forward(path, payload)
         answer = asyncio.ensure_future(self._forward(path, payload))
         gone = asyncio.ensure_future(_disconnected(caller))

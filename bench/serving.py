@@ -78,6 +78,10 @@ ENGINES: dict[str, tuple[str, dict[str, str]]] = {
                                              "LORAFLEET_VLLM_MAX_LORA_RANK": "8"}),
     "vllm-rank64": ("vLLM, max LoRA rank 64", {"LORAFLEET_ENGINE_BACKEND": "vllm",
                                                "LORAFLEET_VLLM_MAX_LORA_RANK": "64"}),
+    # The engine and its vLLM servers at a lower CPU priority than the API (Unix niceness 10):
+    # what a host that runs both on the same CPUs can do (LORAFLEET_ENGINE_NICE).
+    "vllm-nice": ("vLLM, default max LoRA rank, engine niced 10",
+                  {"LORAFLEET_ENGINE_BACKEND": "vllm", "LORAFLEET_ENGINE_NICE": "10"}),
     "builtin": ("built-in", {"LORAFLEET_ENGINE_BACKEND": "builtin"}),
 }
 VLLM_ENGINES = [k for k, (_, env) in ENGINES.items() if env["LORAFLEET_ENGINE_BACKEND"] == "vllm"]
@@ -201,7 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and each with the console's requests)")
     parser.add_argument("--windows", type=int, default=4,
                         help="the states alternate this many times")
-    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES),
+                        default=[k for k in ENGINES if k != "vllm-nice"],
+                        help="default: all but vllm-nice")
     parser.add_argument("--poll-engines", nargs="*", choices=list(ENGINES), default=["vllm"],
                         help="engines the status polls are measured on")
     parser.add_argument("--no-console", action="store_true",

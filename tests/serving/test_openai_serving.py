@@ -114,6 +114,10 @@ def test_chat_completion_and_its_stream(client: Any, summarizer: Any,
 
 def test_a_client_that_leaves_a_stream_stops_its_generation(serving: ServingStack,
                                                              summarizer: Any) -> None:
+    if serving.backend == "vllm":
+        pytest.skip("on vLLM the stream can end before the client leaves: "
+                    "test_a_client_that_gives_up_waiting_stops_its_generation[stream] pauses "
+                    "vLLM instead")
     before = serving.engine_stats()["rows_cancelled"]
     http = serving.stack.http()
     body = {"model": summarizer.model, "prompt": "Once upon a time", "max_tokens": 1000,
@@ -152,8 +156,10 @@ def send_and_wait(port: int, key: str, path: str, body: dict[str, Any]) -> socke
     return sock
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
 def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingStack,
-                                                              summarizer: Any) -> None:
+                                                              summarizer: Any,
+                                                              stream: bool) -> None:
     # What generates (the built-in engine, or the vLLM server behind the engine) is paused
     # (SIGSTOP) while the request waits for its answer, and the client gives up meanwhile, so
     # the generation cannot end first, however fast the machine. vLLM is paused before the
@@ -161,7 +167,11 @@ def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingSta
     # the built-in engine, which must answer the stats read, once it is seen generating. Once
     # the API has hung up on the engine, the engine must stop the generation: the built-in
     # engine at its next token once it resumes, the vLLM gateway at once, by dropping its
-    # request to vLLM (which aborts it).
+    # request to vLLM (which aborts it). A stream the same: vLLM has not answered, so neither
+    # has the engine nor the API, and both must notice the client leaving.
+    if stream and serving.backend != "vllm":
+        pytest.skip("the built-in engine starts a stream at once: "
+                    "test_a_client_that_leaves_a_stream_stops_its_generation covers it")
     assert serving.stack.api is not None
     api = psutil.Process(serving.stack.api.pid)
     engine_port = int(serving.engine_url.rsplit(":", 1)[1])
@@ -171,7 +181,7 @@ def test_a_client_that_gives_up_waiting_stops_its_generation(serving: ServingSta
     paused = serving.generating_processes()
     early = serving.backend == "vllm"
     body = {"model": summarizer.model, "prompt": "Hello", "max_tokens": MAX_TOKENS_LIMIT,
-            "temperature": 0}
+            "temperature": 0, "stream": stream}
     if early:
         for process in paused:
             process.suspend()

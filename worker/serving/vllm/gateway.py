@@ -152,8 +152,12 @@ class VllmEngine:
         streaming = False
         try:
             if body.stream:
-                answers = await self._upstream(server, relay.open_streams(
-                    self.client, server.url, upstreams))
+                opened = await _unless_gone(self._upstream(server, relay.open_streams(
+                    self.client, server.url, upstreams)), http)
+                if opened is None:  # the client left before vLLM answered (streams closed)
+                    self._cancelled(upstreams)
+                    return Response(status_code=499)
+                answers = opened[0]
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = relay.stream(upstreams, answers, shaper, prepared.prompt_tokens,
                                       include_usage)
@@ -242,6 +246,27 @@ class VllmEngine:
                 "rows_cancelled": self.rows_cancelled, "server_starts": self.servers.starts,
                 "parity_checks": self.loras.parity_checks,
                 "adapters_refused": len(self.loras.refused), "base_models": base_models}
+
+
+async def _unless_gone(call: Any, http: HTTPRequest | None) -> tuple[Any] | None:
+    """``(result,)`` of awaiting ``call``; None, with ``call`` cancelled, if ``http``'s client
+    disconnected first."""
+    task = asyncio.ensure_future(call)
+    if http is None:
+        return (await task,)
+    watcher = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return (task.result(),)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
 
 
 async def _disconnected(http: HTTPRequest) -> None:
