@@ -173,28 +173,17 @@ class VllmEngine:
     async def _collect(self, server: VllmServer, upstreams: list[relay.Upstream],
                        shaper: responses.Shaper, prepared: Prepared,
                        http: HTTPRequest | None) -> Response:
-        result = asyncio.ensure_future(self._upstream(server, relay.collect(
-            self.client, server.url, upstreams, shaper, prepared.prompt_tokens)))
-        watcher = asyncio.ensure_future(_disconnected(http)) if http is not None else None
         try:
-            await asyncio.wait([t for t in (result, watcher) if t is not None],
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not result.done():  # the client left: closing the requests aborts them
-                self._cancelled(upstreams)
-                result.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await result
-                return Response(status_code=499)
-            body = result.result()
+            done = await _unless_gone(self._upstream(server, relay.collect(
+                self.client, server.url, upstreams, shaper, prepared.prompt_tokens)), http)
         except asyncio.CancelledError:
             self._cancelled(upstreams)
             raise
-        finally:
-            for task in (result, watcher):
-                if task is not None and not task.done():
-                    task.cancel()
+        if done is None:  # the client left: closing the requests aborted them
+            self._cancelled(upstreams)
+            return Response(status_code=499)
         self._finished(upstreams)
-        return JSONResponse(body)
+        return JSONResponse(done[0])
 
     async def _upstream(self, server: VllmServer, call: Any) -> Any:
         """Await a call to ``server``; a transport error is the server's death or absence."""
