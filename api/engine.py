@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from shared.errors import ServiceUnavailable
+from shared.http import internal_client
 
 PASSED_HEADERS = ("retry-after",)
 
@@ -28,10 +29,7 @@ class EngineClient:
 
     def __init__(self, base_url: str, timeout: float):
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        )
+        self._client = internal_client(timeout, base_url=self.base_url)
 
     async def aclose(self) -> None:
         await self._client.aclose()

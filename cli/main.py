@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.http import SERVER_KEEP_ALIVE_SECONDS
 from shared.settings import get_settings
 
 
@@ -95,7 +96,8 @@ def cmd_serve() -> int:
 
     s = get_settings()
     uvicorn.run("worker.serving.app:create_app", factory=True, host=s.engine_host,
-                port=s.engine_port, log_level="info", timeout_graceful_shutdown=5)
+                port=s.engine_port, log_level="info", timeout_graceful_shutdown=5,
+                timeout_keep_alive=SERVER_KEEP_ALIVE_SECONDS)
     return 0
 
 

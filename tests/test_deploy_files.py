@@ -26,6 +26,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from shared.http import KEEPALIVE_EXPIRY_SECONDS
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,6 +522,8 @@ def test_the_engine_relays_to_vllm_with_the_same_bounds(
     assert int(flags["--max-model-len"] or 0) == settings.vllm_max_model_len
     env = as_env_dict(services["vllm"].get("environment"))
     assert env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "true"
+    # The engine's pooled connections expire before vLLM closes them (no keep-alive race).
+    assert int(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", 0)) > KEEPALIVE_EXPIRY_SECONDS
     deps = services["engine"].get("depends_on") or {}
     assert "vllm" in deps
 

@@ -25,6 +25,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shared.errors import ServiceUnavailable
+from shared.http import internal_client
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings
 from worker.adapter_checks import check_adapter
@@ -56,9 +57,7 @@ class VllmEngine:
                  adapter_root: Path | None = None, cpu: bool = True):
         self.settings = settings
         self.adapter_root = adapter_root.resolve() if adapter_root else None
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.engine_timeout_seconds, connect=5.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+        self.client = internal_client(settings.engine_timeout_seconds)
         self.servers = ServerManager(settings, python, log_dir, self.client, cpu)
         self.max_lora_rank = max_lora_rank(settings, cpu)
         self.loras = Loras(settings, self.client)

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from shared.errors import Overloaded, ServiceUnavailable
+from shared.http import SERVER_KEEP_ALIVE_SECONDS
 from shared.settings import Settings
 from worker.serving.adapters import AdapterRef
 from worker.serving.model_text import ModelText
@@ -300,7 +301,8 @@ class ServerManager:
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "VLLM_NO_USAGE_STATS": "1",
-                    "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"})
+                    "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
+                    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEP_ALIVE_SECONDS)})
         if self.cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.vllm_kv_cache_gib)
         return env
