@@ -96,10 +96,14 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _batches(service: LiveService, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``measure()``'s figures plus, on the built-in engine, the batches it ran as: their
-    count and (up to 20) how many requests each held."""
+    """``measure()``'s figures plus the CPU seconds each part of the service used meanwhile
+    (``cpu_s``, by role: :meth:`LiveService.cpu_seconds`) and, on the built-in engine, the
+    batches it ran as: their count and (up to 20) how many requests each held."""
     before = service.engine_stats().get("batches")
+    cpu = service.cpu_seconds()
     figures = measure()
+    figures["cpu_s"] = {k: round(v - cpu.get(k, 0.0), 2)
+                        for k, v in service.cpu_seconds().items()}
     after = service.engine_stats()
     if before is not None:
         count = after["batches"] - before
@@ -266,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "requests": args.requests, "adapters": args.adapters, "max_tokens": args.max_tokens,
-        "threads": args.threads, "repeats": args.repeats, "idle_shorts": args.idle_shorts,
+        "threads": args.threads, "cores": os.cpu_count(), "repeats": args.repeats,
+        "idle_shorts": args.idle_shorts,
         "short_max_tokens": SHORT_TOKENS, "note": args.note,
         "versions": {"vllm_env": vllm_versions() if VLLM_PYTHON.is_file() else {}},
         "engines": {},

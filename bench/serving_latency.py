@@ -245,6 +245,35 @@ class LiveService:
                 out.append(child.cmdline())
         return out
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far, by role: ``api``, ``engine`` (``lorafleet
+        serve``), ``vllm_server`` (the vLLM servers it started: their HTTP front ends),
+        ``vllm_core`` (their engine cores and other children) and ``clients`` (this process,
+        whose event loop runs the benchmark's clients). A process that exited is not counted."""
+        import psutil
+
+        out = {"api": 0.0, "engine": 0.0, "vllm_server": 0.0, "vllm_core": 0.0,
+               "clients": time.process_time()}
+
+        def used(pid: int | psutil.Process) -> float:
+            with contextlib.suppress(psutil.Error):
+                proc = pid if isinstance(pid, psutil.Process) else psutil.Process(pid)
+                t = proc.cpu_times()
+                return float(t.user + t.system)
+            return 0.0
+
+        if self.api is not None:
+            out["api"] = used(self.api.pid)
+        if self.engine is not None:
+            out["engine"] = used(self.engine.pid)
+            with contextlib.suppress(psutil.Error):
+                for server in psutil.Process(self.engine.pid).children():
+                    out["vllm_server"] += used(server)
+                    with contextlib.suppress(psutil.Error):
+                        for child in server.children(recursive=True):
+                            out["vllm_core"] += used(child)
+        return out
+
     def engine_stats(self) -> dict[str, Any]:
         import httpx
 

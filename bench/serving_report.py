@@ -152,6 +152,47 @@ def run_rows(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+CPU_ROLES = [("api", "API"), ("engine", "engine"), ("vllm_server", "vLLM server"),
+             ("vllm_core", "vLLM engine core"), ("clients", "clients")]
+
+
+def cpu_rows(results: dict[str, Any]) -> list[str]:
+    """Where the CPU went in the concurrent run over the adapters and one at a time: CPU
+    seconds by process and their total against wall time × cores (empty without figures)."""
+    e, n = results["engines"], results["requests"]
+    cores = results.get("cores") or 2
+    runs = [("concurrent", f"{n} concurrent, {results['adapters']} adapters"),
+            ("sequential", f"the same {n}, one at a time")]
+    lines = []
+    for run, title in runs:
+        for key in e:
+            r = e[key][run]
+            cpu = r.get("cpu_s")
+            if not cpu:
+                continue
+            total = sum(cpu.values())
+            lines.append(f"| {title} | {label(results, key)} | "
+                         + " | ".join(f"{cpu.get(role, 0.0):.2f}" for role, _ in CPU_ROLES)
+                         + f" | **{total:.2f}** | {total / (r['wall_s'] * cores):.0%} |")
+    if not lines:
+        return []
+    return ["| Run | Engine | " + " | ".join(name for _, name in CPU_ROLES)
+            + f" | Total | Of wall × {cores} cores |",
+            "|---|---|" + "---|" * (len(CPU_ROLES) + 2), *lines]
+
+
+def relay_share(figures: dict[str, Any]) -> float | None:
+    """The share of a run's CPU seconds spent outside generation and the clients: the API,
+    the engine and vLLM's HTTP front end (None without figures)."""
+    cpu = figures.get("cpu_s")
+    if not cpu or not sum(cpu.values()):
+        return None
+    hops = cpu.get("api", 0.0) + cpu.get("vllm_server", 0.0)
+    if cpu.get("vllm_core", 0.0) > 0:
+        hops += cpu.get("engine", 0.0)  # on vLLM the engine only relays
+    return hops / sum(cpu.values())
+
+
 def poll_rows(s: dict[str, Any]) -> list[str]:
     """The status polls' table: one row per state."""
     lines = ["| State | Polls | p50 ms | p99 ms |", "|---|---|---|---|"]
@@ -223,7 +264,7 @@ def markdown(results: dict[str, Any]) -> str:
         "*One at a time*: the same requests, each sent when the previous one ended, on the "
         "same engine. Concurrent runs: the run of median wall time of "
         f"{results['repeats']}, adapters and base model alternating.", "",
-        *run_rows(results), "", *goal_rows(results["goals"]), "",
+        *run_rows(results), "", *cpu_text(results), *goal_rows(results["goals"]), "",
         "Continuous batching: a batch of long requests over the adapters, then, once every one "
         f"of them streams, one request of {short} tokens (its idle figures: median of "
         f"{results.get('idle_shorts', 3)} on the idle engine).", "",
@@ -242,6 +283,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", poll_text(results, key), "", *poll_rows(e[key]["status_poll"])]
     lines += ["", explain(results), ""]
     return "\n".join(lines)
+
+
+def cpu_text(results: dict[str, Any]) -> list[str]:
+    """The CPU table with its lead-in and a blank line after ([] without figures)."""
+    rows = cpu_rows(results)
+    if not rows:
+        return []
+    return ["CPU seconds each process used during those runs (user + system, from /proc; "
+            "*clients*: the benchmark's own process, whose event loop runs the clients; "
+            "*vLLM engine core*: the processes the vLLM server started):", "", *rows, ""]
 
 
 def poll_text(results: dict[str, Any], key: str) -> str:
@@ -306,6 +357,14 @@ def explain(results: dict[str, Any]) -> str:
             + f" and {b['concurrent_base']['tokens_per_s']} tok/s (built-in); on one CPU core "
             "a batch's matrix products are compute-bound, so batching gains far less than on "
             "a GPU.")
+        shares = [(k, relay_share(e[k]["concurrent"])) for k in vllm]
+        if all(v is not None for _, v in shares):
+            out.append(
+                f"Of the CPU the {results['requests']} concurrent requests over the adapters "
+                "used, the hops (the API, the engine and vLLM's HTTP front end, each parsing "
+                "and writing every streamed chunk) took "
+                + ", ".join(f"{v:.0%} (rank {rank(e[k])})" for k, v in shares)
+                + "; the rest is vLLM's engine core, which generates, and the clients.")
         out.append(
             "One at a time, each request on vLLM pays vLLM's scheduler on every step and one "
             "more HTTP hop (engine → vLLM): "

@@ -146,6 +146,45 @@ def test_the_run_and_poll_rows() -> None:
         "| saturated, console's requests replayed | 100 | 1.0 | 33.0 |"]
 
 
+def with_cpu(r: dict[str, Any]) -> dict[str, Any]:
+    """``results()`` with CPU seconds on vLLM's two runs and the built-in engine's concurrent
+    one (its one-at-a-time run has none, as in a results file from before they were taken)."""
+    r["cores"] = 2
+    r["engines"]["vllm"]["concurrent"]["cpu_s"] = {
+        "api": 1.0, "engine": 1.5, "vllm_server": 1.5, "vllm_core": 4.0, "clients": 1.0}
+    r["engines"]["vllm"]["sequential"]["cpu_s"] = {
+        "api": 2.0, "engine": 3.0, "vllm_server": 3.0, "vllm_core": 20.0, "clients": 2.0}
+    r["engines"]["builtin"]["concurrent"]["cpu_s"] = {
+        "api": 1.0, "engine": 9.0, "vllm_server": 0.0, "vllm_core": 0.0, "clients": 1.0}
+    return r
+
+
+def test_the_cpu_rows_add_up_the_processes_against_wall_time() -> None:
+    lines = report.cpu_rows(with_cpu(results()))
+    assert lines[0] == ("| Run | Engine | API | engine | vLLM server | vLLM engine core | "
+                        "clients | Total | Of wall × 2 cores |")
+    assert lines[2:] == [
+        "| 32 concurrent, 8 adapters | vLLM, default max LoRA rank (16) | 1.00 | 1.50 | 1.50 "
+        "| 4.00 | 1.00 | **9.00** | 90% |",
+        "| 32 concurrent, 8 adapters | built-in | 1.00 | 9.00 | 0.00 | 0.00 | 1.00 | "
+        "**11.00** | 92% |",
+        "| the same 32, one at a time | vLLM, default max LoRA rank (16) | 2.00 | 3.00 | "
+        "3.00 | 20.00 | 2.00 | **30.00** | 60% |"]
+    assert report.cpu_rows(results()) == []  # a results file without CPU figures
+    assert "CPU seconds each process used" not in report.markdown(results())
+
+
+def test_the_relay_share_counts_the_engine_only_on_vllm() -> None:
+    r = with_cpu(results())
+    assert report.relay_share(r["engines"]["vllm"]["concurrent"]) == 4.0 / 9.0
+    # the built-in engine generates: only the API is a hop there
+    assert report.relay_share(r["engines"]["builtin"]["concurrent"]) == 1.0 / 11.0
+    assert report.relay_share(r["engines"]["builtin"]["sequential"]) is None
+    text = report.markdown(r)
+    assert "CPU seconds each process used during those runs" in text
+    assert "took 44% (rank 16); the rest is vLLM's engine core" in text
+
+
 def test_the_section_names_the_engines_and_the_console_replay() -> None:
     text = report.markdown(results())
     assert text.startswith("## Serving\n\n`python -m bench.serving` (2026-11-30 01:00 UTC, "
