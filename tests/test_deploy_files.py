@@ -531,8 +531,8 @@ def test_the_engine_relays_to_vllm_with_the_same_bounds(
 def test_the_vllm_service_runs_the_flags_the_engine_gives_its_own_servers(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every flag of a server the engine starts itself is on the compose one too, but those
-    for the CPU (float32, eager mode) and the listening address."""
+    """Every flag of a GPU server the engine starts itself is on the compose one too, but the
+    dtype (the compose one's is the model's own, vLLM's default) and the listening address."""
     from types import SimpleNamespace
 
     from worker.serving.vllm.servers import ServerManager
@@ -541,7 +541,8 @@ def test_the_vllm_service_runs_the_flags_the_engine_gives_its_own_servers(
     servers = ServerManager(settings, "python", ROOT, client=None, cpu=False)  # type: ignore[arg-type]
     text = SimpleNamespace(name="org/model", context_length=settings.vllm_max_model_len)
     managed = {a for a in servers.command(text, 1234) if a.startswith("--")}  # type: ignore[arg-type]
-    assert managed - {"--dtype", "--enforce-eager"} <= set(vllm_flags(services["vllm"]))
+    assert "--enforce-eager" not in managed  # CUDA graphs on a GPU
+    assert managed - {"--dtype"} <= set(vllm_flags(services["vllm"]))
 
 
 def test_vllm_sees_the_storage_read_only_and_publishes_nothing(

@@ -131,6 +131,20 @@ def test_the_max_lora_rank_is_the_setting_else_the_devices_default(
     assert max_lora_rank(servers.settings, cpu) == int(rank)
 
 
+@pytest.mark.parametrize(("cpu", "dtype", "eager"), [(True, "float32", True),
+                                                     (False, "auto", False)])
+def test_a_gpu_server_keeps_cuda_graphs_and_its_dtype(
+    manager: Any, tiny_model: Path, cpu: bool, dtype: str, eager: bool,
+) -> None:
+    """On a GPU, vLLM decodes with CUDA graphs (no --enforce-eager) in the model's dtype; on the
+    CPU it runs eager in float32, as peft does there."""
+    servers = manager()
+    servers.cpu = cpu
+    argv = servers.command(text_of(tiny_model), 1234)
+    assert argv[argv.index("--dtype") + 1] == dtype
+    assert ("--enforce-eager" in argv) is eager
+
+
 def test_servers_start_on_demand_and_the_least_recently_used_idle_one_makes_room(
     manager: Any, tiny_model: Path, other_model: Path,
 ) -> None:

@@ -290,11 +290,14 @@ class ServerManager:
             "--max-model-len", str(text.context_length),
             # float32 on the CPU, as peft generates there: greedy tokens then match.
             "--dtype", "float32" if self.cpu else "auto",
-            "--enforce-eager",
             # Sampling defaults are vLLM's neutral ones, not the model's generation_config:
             # every request sets its own, as the built-in engine does.
             "--generation-config", "vllm",
             "--disable-uvicorn-access-log",
+            # On a GPU vLLM captures CUDA graphs, which decoding needs to be fast. On the CPU
+            # there are none, and with LoRA vLLM compiles nothing there either: eager mode
+            # only says so, and skips the start-up work.
+            *(["--enforce-eager"] if self.cpu else []),
         ]
 
     def environment(self) -> dict[str, str]:
