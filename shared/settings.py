@@ -283,6 +283,12 @@ class Settings(BaseSettings):
         4096, ge=16, description="Longest sequence a vLLM server takes (capped by the model's "
         "own context): sizes its KV cache."
     )
+    vllm_gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="vLLM --gpu-memory-utilization of each server the engine starts on a GPU: "
+        "the share of the GPU's memory it takes up front (weights, KV cache, LoRA slots). "
+        "Unset: 0.9 shared equally by LORAFLEET_VLLM_MAX_SERVERS, so that they all fit.",
+    )
     vllm_kv_cache_gib: int = Field(
         1, ge=1,
         description="KV cache of a vLLM server on the CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).",

@@ -143,6 +143,33 @@ def test_a_gpu_server_keeps_cuda_graphs_and_its_dtype(
     argv = servers.command(text_of(tiny_model), 1234)
     assert argv[argv.index("--dtype") + 1] == dtype
     assert ("--enforce-eager" in argv) is eager
+    assert ("--gpu-memory-utilization" in argv) is not eager  # only a GPU has that memory
+
+
+@pytest.mark.parametrize(("settings", "share"), [
+    ({}, "0.45"), ({"vllm_max_servers": 3}, "0.3"), ({"vllm_max_servers": 1}, "0.9"),
+    ({"vllm_gpu_memory_utilization": 0.6}, "0.6"),
+    ({"vllm_gpu_memory_utilization": 0.6, "vllm_max_servers": 4}, "0.6")])
+def test_gpu_servers_share_the_gpu_memory_that_vllm_takes_up_front(
+    manager: Any, tiny_model: Path, settings: dict[str, Any], share: str,
+) -> None:
+    """Each vLLM server reserves its --gpu-memory-utilization of the GPU when it starts: unset,
+    the servers that may run at once (LORAFLEET_VLLM_MAX_SERVERS) split vLLM's 0.9, so the
+    second one fits beside the first."""
+    servers = manager(**settings)
+    servers.cpu = False
+    argv = servers.command(text_of(tiny_model), 1234)
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == share
+    n = servers.settings.vllm_max_servers
+    if "vllm_gpu_memory_utilization" not in settings:
+        assert n * float(share) <= 0.9 + 1e-9
+
+
+def test_the_gpu_memory_setting_is_a_fraction() -> None:
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+        Settings(vllm_gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+        Settings(vllm_gpu_memory_utilization=0)
 
 
 def test_servers_start_on_demand_and_the_least_recently_used_idle_one_makes_room(

@@ -54,6 +54,9 @@ _PR_SET_PDEATHSIG = 1
 # keep vLLM's room.
 CPU_MAX_LORA_RANK = 16
 GPU_MAX_LORA_RANK = 64
+# vLLM's own default share of a GPU's memory, for one server; managed servers that may run
+# side by side on a GPU divide it (a second server at 0.9 would not start).
+GPU_MEMORY_SHARE = 0.9
 
 
 def max_lora_rank(settings: Settings, cpu: bool) -> int:
@@ -61,6 +64,14 @@ def max_lora_rank(settings: Settings, cpu: bool) -> int:
     if settings.vllm_max_lora_rank is not None:
         return settings.vllm_max_lora_rank
     return CPU_MAX_LORA_RANK if cpu else GPU_MAX_LORA_RANK
+
+
+def gpu_memory_utilization(settings: Settings) -> float:
+    """The --gpu-memory-utilization of each managed server on a GPU: the setting, else 0.9
+    shared by the servers that may run at once (each one takes its share up front)."""
+    if settings.vllm_gpu_memory_utilization is not None:
+        return settings.vllm_gpu_memory_utilization
+    return round(GPU_MEMORY_SHARE / settings.vllm_max_servers, 4)
 
 
 def find_vllm_python(settings: Settings) -> tuple[str | None, str]:
@@ -297,7 +308,8 @@ class ServerManager:
             # On a GPU vLLM captures CUDA graphs, which decoding needs to be fast. On the CPU
             # there are none, and with LoRA vLLM compiles nothing there either: eager mode
             # only says so, and skips the start-up work.
-            *(["--enforce-eager"] if self.cpu else []),
+            *(["--enforce-eager"] if self.cpu else
+              ["--gpu-memory-utilization", str(gpu_memory_utilization(s))]),
         ]
 
     def environment(self) -> dict[str, str]:
