@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from shared.broker import TRANSPORT
 from shared.settings import Settings, get_settings
 
 RUN_JOB_TASK = "lorafleet.run_job"
@@ -19,7 +20,9 @@ RUN_JOB_TASK = "lorafleet.run_job"
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings, chosen for hours-long tasks (see docs/operations in the README)."""
     transport: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if settings.uses_embedded_broker:
+        extra["broker_transport"] = TRANSPORT  # kombu's filesystem transport, whole messages
         folder = settings.broker_dir
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
         "broker_pool_limit": 4,
+        **extra,
     }
 
 
