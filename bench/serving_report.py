@@ -7,6 +7,7 @@ Everything here reads the results ``bench/serving.py`` writes to ``bench/out/ser
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,9 @@ def poll_goals(name: str, s: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- markdown
 def command(text: str) -> str:
-    """The command without the options that only choose where results go."""
+    """The command without the options that only choose where results go, and without the
+    ``--note`` (the report quotes it on its own)."""
+    text = re.sub(r" --note(?:=| ).*?(?= --|$)", "", text)
     return " ".join(w for w in text.split() if w not in ("--no-write", "--keep"))
 
 
@@ -338,8 +341,9 @@ def explain(results: dict[str, Any]) -> str:
     vllm = [k for k in e if is_vllm(e[k])]
     out = ["What the figures mean. API, engine (with vLLM's server) and the benchmark's "
            "clients share the two cores with whatever else ran (the load average): every "
-           "streamed token is relayed by two Python processes (engine, API) that take CPU "
-           f"from the one generating. p99 of {results['requests']} requests is their slowest."]
+           "streamed token is relayed by Python processes (on vLLM: its HTTP front end, the "
+           "engine and the API) that take CPU from the one generating. p99 of "
+           f"{results['requests']} requests is their slowest."]
 
     def ab(k: str) -> float:
         return float(e[k]["concurrent"]["wall_s"] / e[k]["concurrent_base"]["wall_s"])
@@ -371,6 +375,9 @@ def explain(results: dict[str, Any]) -> str:
             + ", ".join(f"{e[k]['sequential']['tokens_per_s']} tok/s (rank {rank(e[k])})"
                         for k in vllm)
             + f" vs {b['sequential']['tokens_per_s']} on the built-in engine.")
+        spin = spinning(results, vllm[0])
+        if spin:
+            out.append(spin)
         c, cb = e[vllm[0]]["continuous"], b["continuous"]
         out.append(
             "Continuous batching: vLLM admits a new request into the running batch: the "
@@ -401,6 +408,24 @@ def explain(results: dict[str, Any]) -> str:
         if "console_vs_without" in s:
             out.append(console_text(s))
     return " ".join(out)
+
+
+def spinning(results: dict[str, Any], key: str) -> str:
+    """What vLLM's own processes used one request at a time against the same tokens
+    generated concurrently ('' without CPU figures)."""
+    e = results["engines"][key]
+    one, many = e["sequential"].get("cpu_s"), e["concurrent"].get("cpu_s")
+    if not one or not many or not many.get("vllm_core"):
+        return ""
+    cores = results.get("cores") or 2
+    busy = one["vllm_core"] / (e["sequential"]["wall_s"] * cores)
+    return (
+        f"One at a time, vLLM's engine core and its worker used {one['vllm_core']:.1f} CPU "
+        f"seconds ({busy:.0%} of the {cores} cores over the run; {label(results, key)}) for "
+        f"the tokens that took them {many['vllm_core']:.1f} concurrently: between steps each "
+        "waits for the other by spinning (vLLM's shared-memory queue polls for 1 s after each "
+        "message before it sleeps), so on a small CPU host a lightly loaded vLLM still keeps "
+        "the cores busy and the relays and the API wait for them.")
 
 
 def ordinal(n: int) -> str:

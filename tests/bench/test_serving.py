@@ -183,6 +183,19 @@ def test_the_relay_share_counts_the_engine_only_on_vllm() -> None:
     text = report.markdown(r)
     assert "CPU seconds each process used during those runs" in text
     assert "took 44% (rank 16); the rest is vLLM's engine core" in text
+    assert ("vLLM's engine core and its worker used 20.0 CPU seconds (40% of the 2 cores over "
+            "the run; vLLM, default max LoRA rank (16)) for the tokens that took them 4.0 "
+            "concurrently") in text
+    assert report.spinning(results(), "vllm") == ""  # no CPU figures, no sentence
+
+
+def test_the_command_leaves_out_where_results_go_and_the_note() -> None:
+    assert report.command("python -m bench.serving --no-write --engines vllm builtin") == (
+        "python -m bench.serving --engines vllm builtin")
+    assert report.command("python -m bench.serving --note Nothing else ran; idle. --keep") == (
+        "python -m bench.serving")
+    assert report.command("python -m bench.serving --note=quiet --engines vllm") == (
+        "python -m bench.serving --engines vllm")
 
 
 def test_the_section_names_the_engines_and_the_console_replay() -> None:
