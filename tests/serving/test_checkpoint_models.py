@@ -27,6 +27,10 @@ SERVING_SETTINGS = {"keep_checkpoints": 2}
 TRAINING = {"max_steps": 6, "save_steps": 2, "learning_rate": 5e-2, "batch_size": 4,
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "seed": 3}
 STORY = "Once upon a time"
+# Prompts the job never trained on, tried in turn until the checkpoint and the final adapter
+# write different text on one (which one depends on the records the job trained on).
+STORIES = (STORY, "The weather was", "Dear Sir, I write to", "#Person1#: Where were you",
+           "In the morning the", "She said that the", "1, 2, 3,", "Why")
 DIALOGUE = "#Person1#: Hello, are you coming to the party tonight?\n#Person2#: Yes, I am."
 
 
@@ -171,12 +175,22 @@ def test_a_checkpoint_generates_what_peft_generates_with_its_folder(
     def decode(ids: list[int]) -> str:
         return tiny_tokenizer.decode(ids, skip_special_tokens=True)
 
-    # A prompt the job never trained on: the text runs on, sensitive to every weight.
-    expected = reference(folder, tokens(STORY), 24)
-    assert expected != reference(Path(job.model_extra["adapter_path"]), tokens(STORY), 24), (
-        "the final adapter writes the same: the comparison could not tell them apart")
-    story = client.completions.create(model=name, prompt=STORY, max_tokens=24, temperature=0,
-                                      extra_body={"raw_prompt": True})
+    # A prompt the job never trained on: the text runs on, sensitive to every weight. It must
+    # be one on which the final adapter writes otherwise, or serving the final adapter in the
+    # checkpoint's place would pass unseen.
+    final = Path(job.model_extra["adapter_path"])
+
+    def told_apart(text: str) -> list[int] | None:
+        """The checkpoint's tokens for ``text``, if the final adapter's differ."""
+        ids = reference(folder, tokens(text), 24)
+        return ids if ids != reference(final, tokens(text), 24) else None
+
+    found = next(((t, ids) for t in STORIES if (ids := told_apart(t)) is not None), None)
+    assert found, ("the final adapter writes the same on every prompt: the comparison could "
+                   "not tell them apart")
+    story_prompt, expected = found
+    story = client.completions.create(model=name, prompt=story_prompt, max_tokens=24,
+                                      temperature=0, extra_body={"raw_prompt": True})
     assert story.model == name
     assert story.choices[0].text == decode(expected)
     assert story.usage.completion_tokens == len(expected)

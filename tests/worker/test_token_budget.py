@@ -108,12 +108,19 @@ def test_a_token_budget_job_trains_one_step_per_batch(settings_env: Any, tiny_mo
     path = tmp_path / "train.jsonl"
     path.write_bytes(jsonl_bytes(dialogsum_records(12)))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    job = spec(model=str(tiny_model), n_epochs=1, batch_size=4, max_length=1024,
-               max_tokens_per_batch=1024, save_steps=100)
-    data = prepare(job, tiny_tokenizer, path, digest)
+    fixed = spec(model=str(tiny_model), n_epochs=1, batch_size=4, max_length=1024,
+                 save_steps=100)
+    data = prepare(fixed, tiny_tokenizer, path, digest)  # the budget does not change the data
     lengths = [len(ids) for ids in data.train["input_ids"]]
-    batches = len(TokenBudgetBatchSampler(lengths, 1024, job.seed))
-    assert batches != -(-len(lengths) // 4), "the budget changes the batches"
+    by_size = -(-len(lengths) // 4)
+    # The smallest budget the API allows (from max_length up) whose batches differ from
+    # batch_size's, whatever records the data set gives: otherwise the steps counted below
+    # could be batch_size's and the test would not see the budget at all.
+    budget = next(b for b in range(fixed.max_length, sum(lengths) + fixed.max_length + 1, 128)
+                  if len(TokenBudgetBatchSampler(lengths, b, fixed.seed)) != by_size)
+    job = fixed.model_copy(update={"max_tokens_per_batch": budget})
+    batches = len(TokenBudgetBatchSampler(lengths, budget, job.seed))
+    assert batches != by_size, "the budget changes the batches"
     result = trainer.train_adapter(job, tiny_tokenizer, data, tmp_path / "ckpt",
                                    tmp_path / "adapter", device="cpu")
     assert result.step == batches
