@@ -7,8 +7,6 @@ by chunk as they arrive.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from shared.errors import ServiceUnavailable
-from shared.http import internal_client
+from shared.http import internal_client, unless_gone
 
 PASSED_HEADERS = ("retry-after",)
 
@@ -44,21 +42,10 @@ class EngineClient:
         Raises:
             ServiceUnavailable: the engine does not answer.
         """
-        if caller is None:
-            return await self._forward(path, payload)
-        answer = asyncio.ensure_future(self._forward(path, payload))
-        gone = asyncio.ensure_future(_disconnected(caller))
-        try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not answer.done():
-                answer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await answer
-        if answer.cancelled():
+        answer = await unless_gone(self._forward(path, payload), caller)
+        if answer is None:
             return Response(status_code=499)  # nobody is listening any more
-        return answer.result()
+        return answer[0]
 
     async def _forward(self, path: str, payload: dict[str, Any]) -> Response:
         try:
@@ -97,11 +84,6 @@ async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
         # closing the upstream stream tells the engine to stop generating for it.
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
-
-
-async def _disconnected(caller: Request) -> None:
-    while not await caller.is_disconnected():
-        await asyncio.sleep(0.25)
 
 
 def engine_error(answer: Response) -> dict[str, Any] | None:

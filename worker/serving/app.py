@@ -32,6 +32,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shared import http_errors, storage
+from shared.http import unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings, get_settings
 from worker.adapter_checks import check_adapter
@@ -146,11 +147,6 @@ async def _guarded(events: AsyncIterator[str], on_close: Callable[[], None]) -> 
         on_close()  # the client may have gone: stop generating for it
 
 
-async def _disconnected(http: HTTPRequest) -> None:
-    while not await http.is_disconnected():
-        await asyncio.sleep(0.25)
-
-
 async def run_request(engine: Engine, body: EngineRequest,
                       http: HTTPRequest | None = None) -> Any:
     """Submit ``body`` and answer with one response object or an event stream. A client that
@@ -164,23 +160,15 @@ async def run_request(engine: Engine, body: EngineRequest,
         return StreamingResponse(_guarded(events, lambda: engine.batcher.cancel(request)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    result = asyncio.ensure_future(responses.collect(request, shaper))
-    watcher = asyncio.ensure_future(_disconnected(http)) if http is not None else None
     try:
-        await asyncio.wait([t for t in (result, watcher) if t is not None],
-                           return_when=asyncio.FIRST_COMPLETED)
-        if not result.done():  # the client left: nobody reads the answer
-            engine.batcher.cancel(request)
-            result.cancel()
-            return Response(status_code=499)
-        return JSONResponse(result.result())
+        done = await unless_gone(responses.collect(request, shaper), http)
     except asyncio.CancelledError:
         engine.batcher.cancel(request)
         raise
-    finally:
-        for task in (result, watcher):
-            if task is not None and not task.done():
-                task.cancel()
+    if done is None:  # the client left: nobody reads the answer
+        engine.batcher.cancel(request)
+        return Response(status_code=499)
+    return JSONResponse(done[0])
 
 
 def build_engine(settings: Settings) -> Backend:

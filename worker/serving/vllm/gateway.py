@@ -25,7 +25,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shared.errors import ServiceUnavailable
-from shared.http import internal_client
+from shared.http import internal_client, unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings
 from worker.adapter_checks import check_adapter
@@ -151,7 +151,7 @@ class VllmEngine:
         streaming = False
         try:
             if body.stream:
-                opened = await _unless_gone(self._upstream(server, relay.open_streams(
+                opened = await unless_gone(self._upstream(server, relay.open_streams(
                     self.client, server.url, upstreams)), http)
                 if opened is None:  # the client left before vLLM answered (streams closed)
                     self._cancelled(upstreams)
@@ -173,7 +173,7 @@ class VllmEngine:
                        shaper: responses.Shaper, prepared: Prepared,
                        http: HTTPRequest | None) -> Response:
         try:
-            done = await _unless_gone(self._upstream(server, relay.collect(
+            done = await unless_gone(self._upstream(server, relay.collect(
                 self.client, server.url, upstreams, shaper, prepared.prompt_tokens)), http)
         except asyncio.CancelledError:
             self._cancelled(upstreams)
@@ -234,29 +234,3 @@ class VllmEngine:
                 "rows_cancelled": self.rows_cancelled, "server_starts": self.servers.starts,
                 "parity_checks": self.loras.parity_checks,
                 "adapters_refused": len(self.loras.refused), "base_models": base_models}
-
-
-async def _unless_gone(call: Any, http: HTTPRequest | None) -> tuple[Any] | None:
-    """``(result,)`` of awaiting ``call``; None, with ``call`` cancelled, if ``http``'s client
-    disconnected first."""
-    task = asyncio.ensure_future(call)
-    if http is None:
-        return (await task,)
-    watcher = asyncio.ensure_future(_disconnected(http))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return (task.result(),)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
-    finally:
-        for pending in (task, watcher):
-            if not pending.done():
-                pending.cancel()
-
-
-async def _disconnected(http: HTTPRequest) -> None:
-    while not await http.is_disconnected():
-        await asyncio.sleep(0.25)
