@@ -27,14 +27,22 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = f"{__name__}:Transport"  # Celery's broker_transport for the embedded broker
 PARTIAL_PREFIX = ".partial-"  # consumers read only files named "<stamp>_<uuid>.<queue>.msg"
+STAMP_DIGITS = 16  # kombu takes messages in name order: a fixed width keeps that order by time
+
+
+def message_name(queue: str, stamp_ms: int) -> str:
+    """The file name of a message on ``queue`` sent at ``stamp_ms`` (monotonic milliseconds).
+
+    kombu writes the stamp unpadded and sorts names as text, so a message stamped 1,000,000
+    went before one stamped 999,999; zero-padded, name order is send order."""
+    return f"{stamp_ms:0{STAMP_DIGITS}d}_{uuid.uuid4()}.{queue}.msg"
 
 
 class Channel(filesystem.Channel):
     # kombu's filesystem Channel names the argument ``payload``, its base class ``message``.
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Put ``payload`` on ``queue``: written in full, then renamed into the queue folder."""
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
-        final = os.path.join(self.data_folder_out, name)
+        final = os.path.join(self.data_folder_out, message_name(queue, round(monotonic() * 1000)))
         partial = os.path.join(self.data_folder_out, f"{PARTIAL_PREFIX}{uuid.uuid4()}")
         try:
             with open(partial, "wb") as f:

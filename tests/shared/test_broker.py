@@ -88,8 +88,8 @@ def test_an_unreadable_message_is_dropped_and_the_next_one_delivered(
     """An empty and a truncated message file (what kombu's own writer can leave for a moment)
     are skipped with a warning; the consumer gets the next good message and goes on."""
     folder = settings.broker_dir / "queue"
-    (folder / f"1_aaa.{QUEUE}.msg").write_text("")
-    (folder / f"2_bbb.{QUEUE}.msg").write_text('{"body": "trunc')
+    (folder / broker.message_name(QUEUE, 1)).write_text("")  # sent before the good one
+    (folder / broker.message_name(QUEUE, 2)).write_text('{"body": "trunc')
     channel._put(QUEUE, {"body": "good"})
     with caplog.at_level(logging.WARNING, logger=broker.__name__):
         assert channel._get(QUEUE) == {"body": "good"}
@@ -126,3 +126,15 @@ def test_a_worker_side_connection_reads_what_the_api_side_sent(
             assert message.headers["argsrepr"] == "['ftjob-2']"
         finally:
             message.ack()
+
+
+def test_messages_come_out_in_the_order_they_were_sent(
+    channel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across a change in the stamp's digit count (999,999 ms, then 1,000,000 ms), the first
+    message sent is the first received; with kombu's unpadded names the second came first."""
+    clock = iter([999.999, 1000.0])
+    monkeypatch.setattr(broker, "monotonic", lambda: next(clock))
+    channel._put(QUEUE, {"body": "first"})
+    channel._put(QUEUE, {"body": "second"})
+    assert [channel._get(QUEUE)["body"], channel._get(QUEUE)["body"]] == ["first", "second"]
