@@ -266,6 +266,44 @@ def kill_owner(stack: Stack, job_id: str, sig: int = signal.SIGKILL, *,
     return index
 
 
+def freeze_owner(stack: Stack, job_id: str, tries: int = 50) -> int:
+    """SIGSTOP the whole worker that trains ``job_id`` at a moment it holds no write lock on
+    the database; returns its index. A process stopped inside a write transaction keeps the
+    lock until it runs again (README, "A frozen worker"), so the freeze is retried, after a
+    moment's SIGCONT, until the database takes a write from another process."""
+    for _ in range(tries):
+        index = kill_owner(stack, job_id, signal.SIGSTOP)
+        if database_takes_a_write(stack):
+            return index
+        stack.workers[index].signal_group(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"the worker of {job_id} held a write lock at every one of {tries} "
+                         "freezes")
+
+
+def database_takes_a_write(stack: Stack, wait: float = 2.0) -> bool:
+    """Whether another process can start a write transaction within ``wait`` s."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    url = stack.database_url
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(url, connect_args={"timeout": wait} if sqlite else {})
+    try:
+        with engine.connect() as conn:
+            if sqlite:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql(f"SET lock_timeout = {int(wait * 1000)}")
+                conn.exec_driver_sql("SELECT 1 FROM jobs FOR UPDATE")
+            conn.rollback()
+        return True
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
 def kill_pool_process(stack: Stack, job_id: str) -> int:
     """SIGKILL only the pool process that trains ``job_id`` (what the out-of-memory killer
     does); the worker's main process survives and forks a new one. Returns the pid killed."""

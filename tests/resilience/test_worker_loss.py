@@ -22,6 +22,7 @@ from tests.resilience.conftest import (
     assert_never_concurrent,
     attempts,
     ensure_workers,
+    freeze_owner,
     job_row,
     kill_owner,
     kill_pool_process,
@@ -198,7 +199,7 @@ def test_frozen_worker_is_replaced_and_fenced(stack: Stack, client: openai.OpenA
     ensure_workers(stack, 2)  # the other one resumes the job
     job = create_job(client, str(tiny_model), file_id, **JOB)
     wait_mid_training(stack, job.id)
-    index = kill_owner(stack, job.id, signal.SIGSTOP)
+    index = freeze_owner(stack, job.id)
     try:
         wait_until(lambda: steps_logged_by(stack, job.id, 2) >= 1,
                    what="the job to train on the other worker")
