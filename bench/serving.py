@@ -10,11 +10,13 @@ One run, one model, the same adapters (``bench/serving_fixtures.py``), real ``lo
 and ``lorafleet serve`` processes (``bench/serving_latency.py``). The engine is started,
 measured and stopped once per entry of :data:`ENGINES`: lorafleet on vLLM
 (``LORAFLEET_ENGINE_BACKEND=vllm``, which starts a vLLM server from ``.venv-vllm``) with the
-default ``LORAFLEET_VLLM_MAX_LORA_RANK`` (unset: 16 on a CPU host), with 8 (the adapters'
-rank) and with 64 (the GPU default; vLLM's CPU LoRA kernels compute at the maximum rank),
-then the built-in engine (``LORAFLEET_ENGINE_BACKEND=builtin``). The model is a
-~12M-parameter Phi built from a config (random weights, the project's own tokenizer; head dim
-64, which vLLM's CPU attention takes); the adapters are random LoRA adapters (r=8 on attention
+default settings (on a CPU host the server starts at the smallest ``--max-lora-rank`` that
+covers the adapters: 8 here), and held at 16 and at 64 (``LORAFLEET_VLLM_MAX_LORA_RANK`` with
+``LORAFLEET_VLLM_ADAPTIVE_LORA_RANK=false``: what serving a rank-16 or rank-64 adapter beside
+them costs, since vLLM's CPU LoRA kernels compute at the maximum rank), then the built-in
+engine (``LORAFLEET_ENGINE_BACKEND=builtin``). The model is a ~12M-parameter Phi built from
+a config (random weights, the project's own tokenizer; head dim 64, which vLLM's CPU attention
+takes); the adapters are random LoRA adapters (r=8 on attention
 and MLP projections) carrying the parity probe the worker records for a succeeded job, so vLLM
 replays and passes it when it first loads each one. Before anything is timed, the base model is
 loaded (on vLLM: its server started, 45-75 s) and every adapter used once (on vLLM: loaded and
@@ -69,15 +71,17 @@ from bench.serving_polls import status_poll  # noqa: E402
 from bench.serving_report import goals, markdown, write_section  # noqa: E402
 
 # The engines compared: name, label and the settings ``lorafleet serve`` runs with. vLLM
-# sizes its LoRA slots by --max-lora-rank (LORAFLEET_VLLM_MAX_LORA_RANK; unset: 16 on the CPU,
-# 64 on a GPU) and its CPU kernels compute at that rank whatever the adapter's, so vLLM is
-# measured with the default, with the rank of these adapters and with the GPU default.
+# sizes its LoRA slots by --max-lora-rank and its CPU kernels compute at that rank whatever the
+# adapter's. By default a CPU server starts at the smallest rank that covers its adapters (8
+# here); held at 16 and 64, vLLM shows what a larger adapter among them costs.
 ENGINES: dict[str, tuple[str, dict[str, str]]] = {
     "vllm": ("vLLM, default max LoRA rank", {"LORAFLEET_ENGINE_BACKEND": "vllm"}),
-    "vllm-rank8": ("vLLM, max LoRA rank 8", {"LORAFLEET_ENGINE_BACKEND": "vllm",
-                                             "LORAFLEET_VLLM_MAX_LORA_RANK": "8"}),
-    "vllm-rank64": ("vLLM, max LoRA rank 64", {"LORAFLEET_ENGINE_BACKEND": "vllm",
-                                               "LORAFLEET_VLLM_MAX_LORA_RANK": "64"}),
+    "vllm-rank16": ("vLLM, max LoRA rank held at 16", {
+        "LORAFLEET_ENGINE_BACKEND": "vllm", "LORAFLEET_VLLM_MAX_LORA_RANK": "16",
+        "LORAFLEET_VLLM_ADAPTIVE_LORA_RANK": "false"}),
+    "vllm-rank64": ("vLLM, max LoRA rank held at 64", {
+        "LORAFLEET_ENGINE_BACKEND": "vllm", "LORAFLEET_VLLM_MAX_LORA_RANK": "64",
+        "LORAFLEET_VLLM_ADAPTIVE_LORA_RANK": "false"}),
     # The engine and its vLLM servers at a lower CPU priority than the API (Unix niceness 10):
     # what a host that runs both on the same CPUs can do (LORAFLEET_ENGINE_NICE).
     "vllm-nice": ("vLLM, default max LoRA rank, engine niced 10",

@@ -225,7 +225,8 @@ def engines_text(results: dict[str, Any]) -> str:
     parts = [f"*{label(results, k)}*: " + (f"`{RANK}={e[k]['settings'][RANK]}`"
                                            if RANK in e[k]["settings"]
                                            else f"`{RANK}` unset, so {rank(e[k])} on this "
-                                           "CPU host") for k in vllm]
+                                           "CPU host, the smallest that covers the adapters")
+             for k in vllm]
     out = ""
     if vllm:
         out = (f"lorafleet on vLLM {results['versions'].get('vllm_server', '?')} "

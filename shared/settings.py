@@ -277,7 +277,15 @@ class Settings(BaseSettings):
         description="vLLM --max-lora-rank (1, 8, 16, 32, 64, 128, 256, 320 or 512): adapters "
         "of a higher rank are refused. Memory per adapter slot grows with it, and on the CPU "
         "time too (vLLM's CPU LoRA kernels compute at this rank whatever the adapter's). "
-        "Unset: 16 when vLLM runs on the CPU, 64 on a GPU.",
+        "Unset: 64.",
+    )
+    vllm_adaptive_lora_rank: bool | None = Field(
+        None,
+        description="Start each vLLM server the engine manages at the smallest --max-lora-rank "
+        "that covers the adapters asked of it (at least 8), and restart it at a higher one, up "
+        "to LORAFLEET_VLLM_MAX_LORA_RANK, when a larger adapter is asked for (requests already "
+        "running finish on the old server). Unset: on when vLLM runs on the CPU, where its LoRA "
+        "kernels compute at --max-lora-rank, off on a GPU, where the maximum costs little.",
     )
     vllm_max_model_len: int = Field(
         4096, ge=16, description="Longest sequence a vLLM server takes (capped by the model's "

@@ -120,11 +120,15 @@ class ServingStack:
         return str(self.engine_stats()["base_models"][str(base_model)]["url"])
 
     def generating_processes(self) -> list[Any]:
-        """The processes that generate: the engine itself, or the vLLM servers it started."""
+        """The processes that generate: the engine itself, or the vLLM servers it serves
+        with (not one it replaced and is stopping), with their engine-core processes."""
         import psutil
 
-        engine = psutil.Process(self.engine.pid)
-        return engine.children(recursive=True) if self.backend == "vllm" else [engine]
+        if self.backend != "vllm":
+            return [psutil.Process(self.engine.pid)]
+        servers = [psutil.Process(m["pid"])
+                   for m in self.engine_stats()["base_models"].values() if m.get("pid")]
+        return [p for server in servers for p in [server, *server.children(recursive=True)]]
 
 
 def vllm_metric(url: str, name: str, **labels: str) -> float:

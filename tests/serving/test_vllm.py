@@ -1,6 +1,7 @@
 """The engine on vLLM, through the API: greedy output equal to peft's for every prompt format,
 the parity probe refusing an adapter whose weights changed, the rank limit, adapters served
-without a restart, a vLLM server that dies, streams relayed and aborted.
+without a restart, a vLLM server that dies, streams relayed and aborted, a larger adapter that
+restarts the server at a higher rank.
 
 Adapters are built with known random weights (and the worker's parity probe) in the folders of
 succeeded jobs written straight into the database: no training needed.
@@ -322,3 +323,41 @@ def test_a_vllm_server_that_dies_answers_503_then_a_new_one_serves(
     stats = serving.engine_stats()
     assert stats["base_models"][str(tiny_model)]["pid"] != server["pid"]
     assert stats["base_models"][str(tiny_model)]["adapter_loads"] == 1
+
+
+def test_a_larger_adapter_is_served_by_a_server_restarted_at_its_rank(
+    serving: ServingStack, client: openai.OpenAI, tiny_model: Path, tiny_tokenizer: Any,
+    by_format: dict[str, tuple[str, Path]], reference: Callable[..., list[int]],
+) -> None:
+    """On the CPU a server starts at the rank its adapters need (8 for these), since vLLM's
+    CPU LoRA kernels compute at --max-lora-rank. An adapter of rank 16 replaces it with one
+    at 16, which serves the earlier adapters too, token for token the same."""
+    small, _ = by_format["dolly"]
+    earlier = client.completions.create(model=small, prompt=DIALOGUE, max_tokens=TOKENS,
+                                        temperature=0).choices[0].text
+    old = engine_view(serving, tiny_model)
+    assert old["max_lora_rank"] == 8
+    restarts = serving.engine_stats()["rank_restarts"]
+
+    fmt = PromptFormat.model_validate(FORMATS["phi2-qa"])
+    name, folder = add_adapter(serving, tiny_model, 600, FORMATS["phi2-qa"], r=MAX_LORA_RANK)
+    expected = reference(folder, tiny_tokenizer(render_prompt(fmt, "Say something"),
+                                                add_special_tokens=False)["input_ids"], 8)
+    text, _ = expected_completion(tiny_tokenizer, expected, {tiny_tokenizer.eos_token_id},
+                                  stop_sequences(fmt))
+    result = client.completions.create(model=name, prompt="Say something", max_tokens=8,
+                                       temperature=0)
+    assert result.choices[0].text == text
+    new = engine_view(serving, tiny_model)
+    assert new["max_lora_rank"] == MAX_LORA_RANK and new["pid"] != old["pid"]
+    assert serving.engine_stats()["rank_restarts"] == restarts + 1
+
+    def stopped() -> bool:
+        try:
+            return psutil.Process(old["pid"]).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(stopped, "the server at rank 8 was left running")
+    assert client.completions.create(model=small, prompt=DIALOGUE, max_tokens=TOKENS,
+                                     temperature=0).choices[0].text == earlier

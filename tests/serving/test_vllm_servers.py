@@ -33,6 +33,11 @@ if os.environ.get("FAKE_VLLM_FAIL"):
     sys.exit(3)
 if os.environ.get("FAKE_VLLM_SILENT"):
     import time; time.sleep(3600)
+hold = os.environ.get("FAKE_VLLM_HOLD_RANK", "").split(":")  # "<rank>:<file>": wait for it
+if hold[0] and args[args.index("--max-lora-rank") + 1] == hold[0]:
+    import time
+    while not os.path.exists(hold[1]):
+        time.sleep(0.05)
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -84,7 +89,7 @@ def manager(fake_python: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     yield make
     for servers in made:
-        for server in servers:
+        for server in [*servers, *servers._retiring]:
             servers._stop_process(server)
 
 
@@ -97,6 +102,7 @@ def text_of(path: Path) -> Any:
 def test_the_command_line_and_environment_follow_the_settings(manager: Any,
                                                               tiny_model: Path) -> None:
     servers = manager(vllm_max_loras=3, vllm_max_cpu_loras=2, vllm_max_lora_rank=32,
+                      vllm_adaptive_lora_rank=False,
                       vllm_kv_cache_gib=2)
     argv = servers.command(text_of(tiny_model), 1234)
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -115,22 +121,86 @@ def test_the_command_line_and_environment_follow_the_settings(manager: Any,
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
-@pytest.mark.parametrize(("setting", "cpu", "rank"), [
-    (None, True, "16"), (None, False, "64"), (8, True, "8"), (128, False, "128")])
-def test_the_max_lora_rank_is_the_setting_else_the_devices_default(
-    manager: Any, tiny_model: Path, setting: int | None, cpu: bool, rank: str,
+@pytest.mark.parametrize(("settings", "cpu", "asked", "rank"), [
+    ({}, True, 0, "8"), ({}, True, 16, "16"), ({}, True, 40, "64"), ({}, True, 128, "8"),
+    ({}, False, 8, "64"), ({"vllm_max_lora_rank": 128}, False, 0, "128"),
+    ({"vllm_max_lora_rank": 8}, True, 16, "8"),
+    ({"vllm_max_lora_rank": 32, "vllm_adaptive_lora_rank": False}, True, 8, "32"),
+    ({"vllm_adaptive_lora_rank": True}, False, 16, "16")])
+def test_the_max_lora_rank_follows_the_adapters_asked_for_on_the_cpu(
+    manager: Any, tiny_model: Path, settings: dict[str, Any], cpu: bool, asked: int, rank: str,
 ) -> None:
-    """vLLM's CPU LoRA kernels cost time in proportion to --max-lora-rank: unset, a CPU server
-    gets 16 and a GPU one 64."""
-    from worker.serving.vllm.servers import max_lora_rank
-
-    servers = manager(vllm_max_lora_rank=setting)
+    """vLLM's CPU LoRA kernels cost time in proportion to --max-lora-rank: a CPU server starts
+    at the smallest of vLLM's ranks that covers the adapters asked of its base model (at least
+    8, at most LORAFLEET_VLLM_MAX_LORA_RANK, which refuses higher ones); a GPU one at 64."""
+    servers = manager(**settings)
     servers.cpu = cpu
+    servers.ask(str(tiny_model), asked)
     argv = servers.command(text_of(tiny_model), 1234)
     assert argv[argv.index("--max-lora-rank") + 1] == rank
-    assert max_lora_rank(servers.settings, cpu) == int(rank)
+    assert servers.rank_of(str(tiny_model)) == int(rank)
 
 
+def test_a_larger_adapter_restarts_the_server_at_a_higher_rank_after_its_requests(
+    manager: Any, tiny_model: Path,
+) -> None:
+    servers = manager()
+    text = text_of(tiny_model)
+
+    async def scenario() -> None:
+        first = await servers.get(text, 8)
+        assert first.max_lora_rank == 8
+        assert await servers.get(text, 4) is first and await servers.get(text) is first
+        release = first.admit(10)  # a request in flight on it
+        second = await servers.get(text, 16)
+        assert second is not first and second.max_lora_rank == 16
+        assert second.process is not None and "--max-lora-rank 16" in " ".join(
+            map(str, second.process.args))
+        assert await servers.get(text, 8) is second  # new requests go to the new server
+        assert [s for s in servers] == [second]
+        await asyncio.sleep(0.5)
+        assert not first.exited()  # its request is not done
+        release()
+        deadline = time.monotonic() + 30
+        while not first.exited():
+            assert time.monotonic() < deadline, "the replaced server was not stopped"
+            await asyncio.sleep(0.05)
+        assert not second.exited()
+        # Stopped when idle, the base model's next server starts at the rank it needs.
+        await servers.stop(second)
+        third = await servers.get(text, 8)
+        assert third.max_lora_rank == 16
+
+    run(scenario())
+    assert servers.starts == 3 and servers.rank_restarts == 1
+
+
+def test_requests_the_old_server_can_serve_go_on_while_the_wider_one_starts(
+    manager: Any, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ready = tmp_path / "rank-32-may-start"
+    monkeypatch.setenv("FAKE_VLLM_HOLD_RANK", f"32:{ready}")
+    servers = manager()
+    text = text_of(tiny_model)
+
+    async def scenario() -> None:
+        first = await servers.get(text, 8)
+        widening = asyncio.ensure_future(servers.get(text, 32))
+        while servers.starts < 2:  # the rank-32 server is launched and waits for the file
+            await asyncio.sleep(0.05)
+        assert await servers.get(text, 8) is first  # not held up by the start
+        assert not widening.done()
+        release = first.admit(10)
+        ready.touch()
+        second = await widening
+        assert second.max_lora_rank == 32 and [s for s in servers] == [second]
+        await asyncio.sleep(0.5)
+        assert not first.exited()  # draining its request
+        await servers.stop_all()  # a server still draining is stopped too
+        release()
+        assert first.exited() and second.exited()
+
+    run(scenario())
 @pytest.mark.parametrize(("cpu", "dtype", "eager"), [(True, "float32", True),
                                                      (False, "auto", False)])
 def test_a_gpu_server_keeps_cuda_graphs_and_its_dtype(

@@ -34,8 +34,8 @@ from worker.serving.adapters import AdapterRef, served_adapter
 from worker.serving.model_text import ModelText
 from worker.serving.prompts import Prepared, chat_prompt, completion_prompts, make_rows
 from worker.serving.vllm import relay
-from worker.serving.vllm.lora import Loras, check_rank
-from worker.serving.vllm.servers import ServerManager, VllmServer, max_lora_rank
+from worker.serving.vllm.lora import Loras, adapter_rank, check_rank
+from worker.serving.vllm.servers import ServerManager, VllmServer
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,10 @@ class VllmEngine:
         self.adapter_root = adapter_root.resolve() if adapter_root else None
         self.client = internal_client(settings.engine_timeout_seconds)
         self.servers = ServerManager(settings, python, log_dir, self.client, cpu)
-        self.max_lora_rank = max_lora_rank(settings, cpu)
         self.loras = Loras(settings, self.client)
         self._texts: dict[str, ModelText] = {}
         self._texts_lock = threading.Lock()
-        self._checked: set[str] = set()  # adapter versions found safe and within rank
+        self._ranks: dict[str, int] = {}  # adapter versions found safe, and their LoRA rank
         self._reaper: asyncio.Task[None] | None = None
         self.answered = 0
         self.rows = 0
@@ -100,7 +99,8 @@ class VllmEngine:
                 self._texts[base_model] = text
             return text
 
-    def prepare(self, body: EngineRequest) -> tuple[ModelText, AdapterRef | None, Prepared]:
+    def prepare(self, body: EngineRequest
+                ) -> tuple[ModelText, AdapterRef | None, int, Prepared]:
         """Tokenize and check a request (blocking: runs in a worker thread).
 
         Raises:
@@ -109,10 +109,13 @@ class VllmEngine:
         target = body.target
         text = self.text(target.base_model)
         ref = served_adapter(target.adapter_path, self.adapter_root)
-        if ref is not None and ref.name not in self._checked:
-            check_adapter(ref.path, text.config)  # once per version, before it is loaded
-            check_rank(ref, self.max_lora_rank)
-            self._checked.add(ref.name)
+        rank = 0
+        if ref is not None:
+            if ref.name not in self._ranks:
+                check_adapter(ref.path, text.config)  # once per version, before it is loaded
+                check_rank(ref, self.servers.max_lora_rank)
+                self._ranks[ref.name] = adapter_rank(ref.path)
+            rank = self._ranks[ref.name]
         if isinstance(body, EngineChatRequest):
             prompts = [chat_prompt(text, target, body)]
             param = "messages"
@@ -120,7 +123,7 @@ class VllmEngine:
             prompts = completion_prompts(text, target, body)
             param = "prompt"
         name = ref.name if ref else None
-        return text, ref, make_rows(text, name, prompts, body, self.settings, param)
+        return text, ref, rank, make_rows(text, name, prompts, body, self.settings, param)
 
     async def answer(self, body: EngineRequest, http: HTTPRequest | None = None) -> Any:
         """One response object or an event stream for ``body``.
@@ -129,17 +132,20 @@ class VllmEngine:
             LorafleetError: a bad request (4xx), a refused adapter (422), a busy server (429),
                 a vLLM server that died or does not start (503).
         """
-        text, ref, prepared = await asyncio.to_thread(self.prepare, body)
+        text, ref, rank, prepared = await asyncio.to_thread(self.prepare, body)
         for attempt in range(2):
-            server = await self.servers.get(text)
-            model = await self.loras.ensure(server, ref, text) if ref else server.served_name
+            server = await self.servers.get(text, rank)
+            server.pending += 1  # a server replaced meanwhile stops only once this is sent
             try:
+                model = await self.loras.ensure(server, ref, text) if ref else server.served_name
                 return await self._generate(server, model, body, prepared, http)
             except relay.UnknownModel:
                 if attempt or ref is None:
                     raise
                 # The server lost its adapters (an external server restarted): load again.
                 server.adapters.clear()
+            finally:
+                server.pending -= 1
         raise AssertionError("unreachable")
 
     async def _generate(self, server: VllmServer, model: str, body: EngineRequest,
@@ -232,5 +238,6 @@ class VllmEngine:
         return {"backend": "vllm", "queued": in_flight, "busy": in_flight > 0,
                 "requests": self.answered, "rows": self.rows,
                 "rows_cancelled": self.rows_cancelled, "server_starts": self.servers.starts,
+                "rank_restarts": self.servers.rank_restarts,
                 "parity_checks": self.loras.parity_checks,
                 "adapters_refused": len(self.loras.refused), "base_models": base_models}

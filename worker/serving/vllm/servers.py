@@ -31,7 +31,7 @@ import httpx
 
 from shared.errors import Overloaded, ServiceUnavailable
 from shared.http import SERVER_KEEP_ALIVE_SECONDS
-from shared.settings import Settings
+from shared.settings import VLLM_LORA_RANKS, Settings
 from worker.serving.adapters import AdapterRef
 from worker.serving.model_text import ModelText
 
@@ -48,22 +48,37 @@ _ERROR_LINE = re.compile(r"(Error|error:|Exception|Unsupported)")
 _PR_SET_PDEATHSIG = 1
 
 
+# The highest adapter rank served unless LORAFLEET_VLLM_MAX_LORA_RANK says otherwise (vLLM's
+# own default is 16): covers the ranks people train with.
+DEFAULT_MAX_LORA_RANK = 64
 # vLLM's CPU LoRA kernels compute at --max-lora-rank whatever the adapter's rank: rank-8
 # adapter rows took 5.7x the base model's time at 64, 3.1x at 16 and 1.2x at 8 (BENCHMARKS.md,
-# "Serving"). 16 serves the default rank (8) and the common 16 at about half 64's cost; GPUs
-# keep vLLM's room.
-CPU_MAX_LORA_RANK = 16
-GPU_MAX_LORA_RANK = 64
+# "Serving"). So on the CPU a server starts at the smallest rank its adapters need, from 8
+# (the default rank of a job), and restarts at a higher one when a larger adapter comes.
+SMALLEST_ADAPTIVE_RANK = 8
 # vLLM's own default share of a GPU's memory, for one server; managed servers that may run
 # side by side on a GPU divide it (a second server at 0.9 would not start).
 GPU_MEMORY_SHARE = 0.9
 
 
-def max_lora_rank(settings: Settings, cpu: bool) -> int:
-    """The --max-lora-rank of the vLLM servers: the setting, else the device's default."""
+def max_lora_rank(settings: Settings) -> int:
+    """The highest adapter rank the engine serves: the setting, else 64."""
     if settings.vllm_max_lora_rank is not None:
         return settings.vllm_max_lora_rank
-    return CPU_MAX_LORA_RANK if cpu else GPU_MAX_LORA_RANK
+    return DEFAULT_MAX_LORA_RANK
+
+
+def adaptive_lora_rank(settings: Settings, cpu: bool) -> bool:
+    """Whether managed servers start at the rank their adapters need (the setting, else on
+    the CPU only)."""
+    return cpu if settings.vllm_adaptive_lora_rank is None else settings.vllm_adaptive_lora_rank
+
+
+def rank_to_serve(rank: int, ceiling: int) -> int:
+    """The --max-lora-rank of a server that must serve adapters up to ``rank``: the smallest of
+    vLLM's ranks that covers it (at least 8), never above ``ceiling``."""
+    wanted = max(rank, SMALLEST_ADAPTIVE_RANK)
+    return min(next((r for r in VLLM_LORA_RANKS if r >= wanted), ceiling), ceiling)
 
 
 def gpu_memory_utilization(settings: Settings) -> float:
@@ -108,6 +123,8 @@ class VllmServer:
     started_seconds: float | None = None
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    pending: int = 0  # requests given this server and not yet sent to it (or failed)
+    max_lora_rank: int | None = None  # None: an external server, whose rank is its own
     adapters: dict[str, AdapterRef] = field(default_factory=dict)  # loaded, by lora name
     adapter_loads: int = 0
     adapter_unloads: int = 0
@@ -185,7 +202,8 @@ class VllmServer:
                 "pid": self.process.pid if self.process else None,
                 "exit_code": self.exit_code(), "log": str(self.log_path) if self.log_path else None,
                 "started_seconds": self.started_seconds, "in_flight": self.in_flight,
-                "requests": self.requests, "adapters": len(self.adapters),
+                "requests": self.requests, "max_lora_rank": self.max_lora_rank,
+                "adapters": len(self.adapters),
                 "adapter_loads": self.adapter_loads, "adapter_unloads": self.adapter_unloads}
 
 
@@ -223,21 +241,30 @@ class ServerManager:
         self.cpu = cpu
         self._servers: dict[str, VllmServer] = {}
         self._start_lock = asyncio.Lock()
+        self.max_lora_rank = max_lora_rank(settings)
+        # The highest adapter rank asked for, by base model: a restarted server starts there.
+        self._ranks: dict[str, int] = {}
+        self._retiring: dict[VllmServer, asyncio.Task[None]] = {}
         self.starts = 0
+        self.rank_restarts = 0
 
     def __iter__(self) -> Iterator[VllmServer]:
         return iter(list(self._servers.values()))
 
-    async def get(self, text: ModelText) -> VllmServer:
-        """The server of ``text``'s base model, started (or connected) first if need be.
+    async def get(self, text: ModelText, rank: int = 0) -> VllmServer:
+        """The server of ``text``'s base model, started (or connected) first if need be, and
+        able to serve adapters of rank ``rank``: with an adaptive rank, a managed server
+        started at a lower one is replaced by one at a higher rank (requests already sent to
+        the old one finish there).
 
         Raises:
             ServiceUnavailable: the server died (reported once), did not start, or cannot
                 be reached; no vLLM is configured for this base model.
             Overloaded: every server slot is busy serving other base models.
         """
+        self.ask(text.name, rank)
         server = self._servers.get(text.name)
-        if server is None or server.exited():
+        if server is None or server.exited() or self._too_narrow(server, rank):
             async with self._start_lock:
                 server = self._servers.get(text.name)
                 if server is not None and server.exited():
@@ -247,11 +274,33 @@ class ServerManager:
                         log.warning("%s", error.message)
                         raise error
                     server = None
+                if server is not None and self._too_narrow(server, rank):
+                    server = await self._widen(server, text)
                 if server is None:
                     server = await self._open(text)
                     self._servers[text.name] = server
         server.last_used = time.monotonic()
         return server
+
+    @property
+    def adaptive(self) -> bool:
+        return adaptive_lora_rank(self.settings, self.cpu)
+
+    def ask(self, base_model: str, rank: int) -> None:
+        """Note that an adapter of ``rank`` was asked of ``base_model``'s server: servers of
+        that base model start at a rank that covers it from then on."""
+        if rank <= self.max_lora_rank:  # higher ones are refused before they come here
+            self._ranks[base_model] = max(self._ranks.get(base_model, 0), rank)
+
+    def rank_of(self, base_model: str) -> int:
+        """The --max-lora-rank a managed server of ``base_model`` starts with."""
+        if not self.adaptive:
+            return self.max_lora_rank
+        return rank_to_serve(self._ranks.get(base_model, 0), self.max_lora_rank)
+
+    def _too_narrow(self, server: VllmServer, rank: int) -> bool:
+        return (server.max_lora_rank is not None
+                and server.max_lora_rank < rank <= self.max_lora_rank)
 
     async def _open(self, text: ModelText) -> VllmServer:
         url = self.settings.vllm_servers.get(text.name)
@@ -265,6 +314,9 @@ class ServerManager:
                 "LORAFLEET_VLLM_SERVERS, or give this engine a vLLM environment "
                 "(LORAFLEET_VLLM_PYTHON, `make venv-vllm`).")
         await self._make_room()
+        return await self._start(text)
+
+    async def _start(self, text: ModelText) -> VllmServer:
         server = self._launch(text)
         try:
             await self._wait_ready(server)
@@ -273,6 +325,28 @@ class ServerManager:
             await asyncio.to_thread(self._stop_process, server)
             raise
         return server
+
+    async def _widen(self, old: VllmServer, text: ModelText) -> VllmServer:
+        """Replace ``old`` by a server at the rank its base model now needs. Requests for
+        adapters it can serve go on there while the new one starts."""
+        log.info("restarting the vLLM server of %s at --max-lora-rank %d (it has %d) for a "
+                 "larger adapter", old.base_model, self.rank_of(old.base_model),
+                 old.max_lora_rank)
+        new = await self._start(text)
+        self._servers[text.name] = new
+        self.rank_restarts += 1
+        self._retiring[old] = asyncio.ensure_future(self._retire(old))
+        return new
+
+    async def _retire(self, server: VllmServer) -> None:
+        try:
+            while not server.exited() and (server.in_flight or server.pending):
+                await asyncio.sleep(0.2)
+            log.info("the vLLM server of %s at --max-lora-rank %s is drained", server.base_model,
+                     server.max_lora_rank)
+            await asyncio.to_thread(self._stop_process, server)
+        finally:
+            self._retiring.pop(server, None)
 
     async def _make_room(self) -> None:
         managed = [s for s in self._servers.values() if s.managed]
@@ -297,7 +371,7 @@ class ServerManager:
             "--served-model-name", text.name, "--host", "127.0.0.1", "--port", str(port),
             "--enable-lora", "--max-loras", str(s.vllm_max_loras),
             "--max-cpu-loras", str(max(s.vllm_max_cpu_loras, s.vllm_max_loras)),
-            "--max-lora-rank", str(max_lora_rank(s, self.cpu)),
+            "--max-lora-rank", str(self.rank_of(text.name)),
             "--max-model-len", str(text.context_length),
             # float32 on the CPU, as peft generates there: greedy tokens then match.
             "--dtype", "float32" if self.cpu else "auto",
@@ -342,7 +416,7 @@ class ServerManager:
         log.info("starting a vLLM server for %s on port %d (pid %d, log %s)", text.name, port,
                  process.pid, log_path)
         return VllmServer(text.name, f"http://127.0.0.1:{port}", process, log_path,
-                          served_name=text.name)
+                          served_name=text.name, max_lora_rank=self.rank_of(text.name))
 
     async def _wait_ready(self, server: VllmServer) -> None:
         start = time.monotonic()
@@ -427,4 +501,8 @@ class ServerManager:
                 await self.stop(server)
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(self.stop(s) for s in self))
+        retiring = list(self._retiring.items())
+        for _, task in retiring:
+            task.cancel()
+        await asyncio.gather(*(self.stop(s) for s in self),
+                             *(asyncio.to_thread(self._stop_process, s) for s, _ in retiring))
