@@ -493,9 +493,20 @@ def release_stale(job: Job, reason: str, step: int | None) -> JobStatus | None:
     """The sweeper's :func:`release` for an attempt whose worker is gone, fenced on the
     heartbeat it read (a worker that renewed meanwhile keeps its job). The job is not sent to
     the broker here: the sweeper sends it once its backoff has passed.
+
+    On PostgreSQL a job row that another transaction holds is left for a later sweep rather
+    than waited for: a worker frozen in the middle of a write (a paused VM, SIGSTOP) holds its
+    lock until it runs again or dies, and the sweep must go on with the other jobs meanwhile.
     """
     settings = get_settings()
     with session_scope() as s:
+        free = s.scalar(select(Job.id).where(Job.id == job.id)
+                        .with_for_update(skip_locked=True))
+        if free is None:
+            log.warning("job %s is not re-queued yet: another transaction holds its row (its "
+                        "worker %s frozen in the middle of a write?); the next sweep tries "
+                        "again", job.id, job.lease_owner)
+            return None
         decision = after_release(cancel_requested=job.cancel_requested, failures=job.failures,
                                  count_failure=True, pause_requested=job.pause_requested,
                                  max_attempts=settings.max_attempts,
