@@ -1,7 +1,8 @@
 """The vLLM server manager's lifecycle, with a stand-in for vLLM (an HTTP server that answers
-``/health`` and ``/v1/models``): servers start on demand, make room for each other, stop when
-idle, are reported once when they die, and say why they did not start. Also which backend
-``lorafleet serve`` picks. Real vLLM runs in ``test_vllm.py``."""
+``/health`` and ``/v1/models``): servers start on demand at the LoRA rank their adapters need,
+are replaced by a wider one for a larger adapter once their requests are done, make room for
+each other, stop when idle, are reported once when they die, and say why they did not start.
+Also which backend ``lorafleet serve`` picks. Real vLLM runs in ``test_vllm.py``."""
 
 from __future__ import annotations
 
