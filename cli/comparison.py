@@ -126,8 +126,11 @@ def compare_answers(base: str, key: str, engine: str, job: dict[str, Any],
     instruction = PromptFormat.model_validate(job["prompt_format"]).instruction
     if not wait_engine(engine):
         return
-    base_text = chat(base, key, job["model"], f"{instruction}\n\n{dialogue}", 64)
+    # The fine-tuned model first: on a CPU the engine starts the base model's vLLM server at
+    # the adapter's rank, which the base model's request then shares (asked first, the base
+    # model would start it at the lowest rank, and the adapter would restart it).
     tuned_text = complete(base, key, job["fine_tuned_model"], dialogue, 64)
+    base_text = chat(base, key, job["model"], f"{instruction}\n\n{dialogue}", 64)
     if base_text is None or tuned_text is None:
         return
     _say("a held-out dialogue (not trained on):")

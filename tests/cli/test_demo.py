@@ -56,8 +56,9 @@ def test_a_narrow_terminal_puts_the_answers_one_under_the_other() -> None:
 def test_the_base_model_is_asked_in_chat_and_the_fine_tune_with_its_format(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """compare_answers asks the base model through chat (instruction and dialogue) and the
-    fine-tuned model through completions (the dialogue alone: the API applies its format)."""
+    """compare_answers asks the fine-tuned model through completions (the dialogue alone: the
+    API applies its format), then the base model through chat (instruction and dialogue): in
+    that order the engine starts one vLLM server, at the adapter's rank, for both."""
     import httpx
 
     sent: list[tuple[str, dict[str, object]]] = []
@@ -79,7 +80,7 @@ def test_the_base_model_is_asked_in_chat_and_the_fine_tune_with_its_format(
 
     comparison.compare_answers("http://api", "sk-test", "http://engine", job, valid)
 
-    [(chat_url, chat_body), (done_url, done_body)] = sent
+    [(done_url, done_body), (chat_url, chat_body)] = sent
     assert chat_url == "http://api/v1/chat/completions"
     assert chat_body["model"] == "/models/smollm2" and chat_body["temperature"] == 0
     assert chat_body["messages"] == [
