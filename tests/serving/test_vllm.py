@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -331,13 +332,15 @@ def test_a_larger_adapter_is_served_by_a_server_restarted_at_its_rank(
 ) -> None:
     """On the CPU a server starts at the rank its adapters need (8 for these), since vLLM's
     CPU LoRA kernels compute at --max-lora-rank. An adapter of rank 16 replaces it with one
-    at 16, which serves the earlier adapters too, token for token the same."""
+    at 16, which serves the earlier adapters too, token for token the same. While the new
+    server starts (held paused here, so however fast it would be), the old one goes on serving
+    the adapters it covers."""
     small, _ = by_format["dolly"]
     earlier = client.completions.create(model=small, prompt=DIALOGUE, max_tokens=TOKENS,
                                         temperature=0).choices[0].text
     old = engine_view(serving, tiny_model)
     assert old["max_lora_rank"] == 8
-    restarts = serving.engine_stats()["rank_restarts"]
+    before = serving.engine_stats()
 
     fmt = PromptFormat.model_validate(FORMATS["phi2-qa"])
     name, folder = add_adapter(serving, tiny_model, 600, FORMATS["phi2-qa"], r=MAX_LORA_RANK)
@@ -345,12 +348,28 @@ def test_a_larger_adapter_is_served_by_a_server_restarted_at_its_rank(
                                                 add_special_tokens=False)["input_ids"], 8)
     text, _ = expected_completion(tiny_tokenizer, expected, {tiny_tokenizer.eos_token_id},
                                   stop_sequences(fmt))
-    result = client.completions.create(model=name, prompt="Say something", max_tokens=8,
-                                       temperature=0)
+    engine = psutil.Process(serving.engine.pid)
+    with ThreadPoolExecutor(1) as pool:
+        larger = pool.submit(client.completions.create, model=name, prompt="Say something",
+                             max_tokens=8, temperature=0)
+        wait_for(lambda: serving.engine_stats()["server_starts"] > before["server_starts"],
+                 "no server was started for the larger adapter", timeout=120)
+        [starting] = [p for p in engine.children() if p.pid != old["pid"]
+                      and "vllm.entrypoints.openai.api_server" in p.cmdline()]
+        starting.suspend()
+        try:
+            during = client.completions.create(model=small, prompt=DIALOGUE,
+                                               max_tokens=TOKENS, temperature=0)
+            assert during.choices[0].text == earlier
+            assert engine_view(serving, tiny_model)["pid"] == old["pid"]
+            assert not larger.done()
+        finally:
+            starting.resume()
+        result = larger.result(timeout=600)
     assert result.choices[0].text == text
     new = engine_view(serving, tiny_model)
-    assert new["max_lora_rank"] == MAX_LORA_RANK and new["pid"] != old["pid"]
-    assert serving.engine_stats()["rank_restarts"] == restarts + 1
+    assert new["max_lora_rank"] == MAX_LORA_RANK and new["pid"] == starting.pid
+    assert serving.engine_stats()["rank_restarts"] == before["rank_restarts"] + 1
 
     def stopped() -> bool:
         try:
