@@ -120,7 +120,7 @@ def test_an_adapter_without_a_probe_is_served_unchecked(tiny_model: Path,
 
 def test_the_rank_check_names_the_setting(tiny_model: Path, tmp_path: Path) -> None:
     wide = build_adapter(tiny_model, tmp_path / "wide", 9, r=40)
-    check_rank(adapter_ref(wide), 64)
+    assert check_rank(adapter_ref(wide), 64) == 40
     with pytest.raises(InvalidRequest) as refused:
         check_rank(adapter_ref(wide), 32)
     assert refused.value.status == 400 and refused.value.param == "model"

@@ -202,6 +202,8 @@ def test_requests_the_old_server_can_serve_go_on_while_the_wider_one_starts(
         assert first.exited() and second.exited()
 
     run(scenario())
+
+
 @pytest.mark.parametrize(("cpu", "dtype", "eager"), [(True, "float32", True),
                                                      (False, "auto", False)])
 def test_a_gpu_server_keeps_cuda_graphs_and_its_dtype(

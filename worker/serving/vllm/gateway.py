@@ -34,7 +34,7 @@ from worker.serving.adapters import AdapterRef, served_adapter
 from worker.serving.model_text import ModelText
 from worker.serving.prompts import Prepared, chat_prompt, completion_prompts, make_rows
 from worker.serving.vllm import relay
-from worker.serving.vllm.lora import Loras, adapter_rank, check_rank
+from worker.serving.vllm.lora import Loras, check_rank
 from worker.serving.vllm.servers import ServerManager, VllmServer
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class VllmEngine:
         self.loras = Loras(settings, self.client)
         self._texts: dict[str, ModelText] = {}
         self._texts_lock = threading.Lock()
-        self._ranks: dict[str, int] = {}  # adapter versions found safe, and their LoRA rank
+        # Adapter versions found safe, and their LoRA rank.
+        self._adapter_ranks: dict[str, int] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.answered = 0
         self.rows = 0
@@ -111,11 +112,10 @@ class VllmEngine:
         ref = served_adapter(target.adapter_path, self.adapter_root)
         rank = 0
         if ref is not None:
-            if ref.name not in self._ranks:
+            if ref.name not in self._adapter_ranks:
                 check_adapter(ref.path, text.config)  # once per version, before it is loaded
-                check_rank(ref, self.servers.max_lora_rank)
-                self._ranks[ref.name] = adapter_rank(ref.path)
-            rank = self._ranks[ref.name]
+                self._adapter_ranks[ref.name] = check_rank(ref, self.servers.max_lora_rank)
+            rank = self._adapter_ranks[ref.name]
         if isinstance(body, EngineChatRequest):
             prompts = [chat_prompt(text, target, body)]
             param = "messages"

@@ -48,9 +48,11 @@ def adapter_rank(path: str | Path) -> int:
     return max((r for r in ranks if isinstance(r, int) and not isinstance(r, bool)), default=0)
 
 
-def check_rank(ref: AdapterRef, max_rank: int) -> None:
-    """Raises:
-    InvalidRequest: the adapter's rank is above what the vLLM servers are started with."""
+def check_rank(ref: AdapterRef, max_rank: int) -> int:
+    """The adapter's LoRA rank (:func:`adapter_rank`), checked against the engine's maximum.
+
+    Raises:
+        InvalidRequest: the adapter's rank is above the highest the vLLM servers serve."""
     rank = adapter_rank(ref.path)
     if rank > max_rank:
         higher = [r for r in VLLM_LORA_RANKS if r >= rank]
@@ -59,6 +61,7 @@ def check_rank(ref: AdapterRef, max_rank: int) -> None:
         raise InvalidRequest(
             f"This adapter has LoRA rank {rank}, above the inference engine's maximum of "
             f"{max_rank} (LORAFLEET_VLLM_MAX_LORA_RANK): {fix}.", param="model")
+    return rank
 
 
 @dataclass(frozen=True)
