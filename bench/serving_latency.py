@@ -308,7 +308,8 @@ class LiveService:
             server = stats["base_models"][self.base]
             out.update(parity_checks=stats["parity_checks"],
                        adapters_refused=stats["adapters_refused"],
-                       adapters_loaded=server["adapters"], vllm_url=server["url"])
+                       adapters_loaded=server["adapters"], vllm_url=server["url"],
+                       lora_ops=server.get("lora_ops"))
             if stats["parity_checks"] < len(self.names) or stats["adapters_refused"]:
                 raise RuntimeError(f"vLLM checked {stats['parity_checks']} parity probes and "
                                    f"refused {stats['adapters_refused']} of "

@@ -219,6 +219,16 @@ def spread(results: dict[str, Any]) -> str:
             f"{max(values)}. ")
 
 
+def lora_ops(figures: dict[str, Any]) -> str:
+    """Which CPU LoRA ops a vLLM engine's server computed with, as its engine reported."""
+    ops = figures.get("warm_up", {}).get("lora_ops")
+    if ops == "grouped":
+        return "lorafleet's grouped CPU LoRA ops (`vllm_plugin/`, the default)"
+    if ops == "vllm":
+        return "vLLM's own CPU LoRA ops (`LORAFLEET_VLLM_CPU_LORA_OPS=vllm`)"
+    return "CPU LoRA ops not reported"
+
+
 def engines_text(results: dict[str, Any]) -> str:
     e = results["engines"]
     vllm = [k for k in e if is_vllm(e[k])]
@@ -226,7 +236,7 @@ def engines_text(results: dict[str, Any]) -> str:
                                            if RANK in e[k]["settings"]
                                            else f"`{RANK}` unset, so {rank(e[k])} on this "
                                            "CPU host, the smallest that covers the adapters")
-             for k in vllm]
+             + ", " + lora_ops(e[k]) for k in vllm]
     out = ""
     if vllm:
         out = (f"lorafleet on vLLM {results['versions'].get('vllm_server', '?')} "
@@ -352,10 +362,11 @@ def explain(results: dict[str, Any]) -> str:
     if vllm and "builtin" in e:
         b = e["builtin"]
         out.append(
-            "Adapter rows are what decides here: vLLM's CPU LoRA kernels (PunicaWrapperCPU) "
-            "compute at `--max-lora-rank` whatever the adapter's rank, and cost far more per "
-            "row than the base model: adapter rows took the base rows' time times "
-            + ", ".join(f"{ab(k):.1f} at maximum rank {rank(e[k])}" for k in vllm)
+            "Adapter rows are what decides here: vLLM's CPU LoRA ops compute at "
+            "`--max-lora-rank` whatever the adapter's rank, and vLLM's own (PunicaWrapperCPU) "
+            "copy each token's adapter weights (`bench/cpu_lora.py`): adapter rows took the "
+            "base rows' time times "
+            + ", ".join(f"{ab(k):.1f} ({label(results, k)})" for k in vllm)
             + f" (peft's mixed batches in the built-in engine: {ab('builtin'):.1f}x). On the "
             "base model alone: " + ", ".join(f"{e[k]['concurrent_base']['tokens_per_s']} "
                                              f"(rank {rank(e[k])})" for k in vllm)

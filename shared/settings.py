@@ -301,6 +301,13 @@ class Settings(BaseSettings):
         1, ge=1,
         description="KV cache of a vLLM server on the CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).",
     )
+    vllm_cpu_lora_ops: Literal["grouped", "vllm"] = Field(
+        "grouped",
+        description="How a vLLM server the engine starts on the CPU computes LoRA: grouped "
+        "(lorafleet's vLLM plugin, which `make venv-vllm` installs: one matrix product per "
+        "layer for all the adapters of a batch) or vllm (vLLM's own CPU ops, which copy every "
+        "token's adapter weights; several times slower, bench/cpu_lora.py). No effect on a GPU.",
+    )
     parity_check: Literal["strict", "warn", "off"] = Field(
         "strict",
         description="An adapter whose vLLM output differs from the probe recorded with peft "

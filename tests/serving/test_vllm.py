@@ -166,6 +166,17 @@ def test_base_model_output_equals_the_base_model(client: openai.OpenAI, tiny_mod
     assert (result.choices[0].text, result.usage.completion_tokens) == (expected, count)
 
 
+def test_the_server_computes_lora_with_the_grouped_cpu_ops(
+        serving: ServingStack, client: openai.OpenAI, tiny_model: Path,
+        by_format: dict[str, tuple[str, Path]]) -> None:
+    # The outputs above, equal to peft's, came from these ops (test_vllm_cpu_lora.py).
+    name, _ = by_format["dolly"]
+    client.completions.create(model=name, prompt=DIALOGUE, max_tokens=2, temperature=0)
+    view = engine_view(serving, tiny_model)
+    assert view["lora_ops"] == "grouped"
+    assert "Using PunicaWrapperCPUGrouped" in Path(view["log"]).read_text()
+
+
 def test_an_adapter_changed_after_its_probe_is_refused(
     serving: ServingStack, client: openai.OpenAI, tiny_model: Path, tmp_path: Path,
 ) -> None:

@@ -122,6 +122,37 @@ def test_the_command_line_and_environment_follow_the_settings(manager: Any,
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
+@pytest.mark.parametrize(("setting", "installed", "cpu", "ops"), [
+    ("grouped", True, True, "grouped"), ("grouped", False, True, "vllm"),
+    ("vllm", True, True, "vllm"), ("grouped", True, False, None)])
+def test_cpu_servers_compute_lora_with_the_plugin_where_it_is_installed(
+        manager: Any, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, setting: str, installed: bool, cpu: bool,
+        ops: str | None) -> None:
+    from worker.serving.vllm import servers as module
+
+    asked: list[str | None] = []
+    monkeypatch.setattr(module, "plugin_installed",
+                        lambda python: asked.append(python) or installed)
+    monkeypatch.setenv(module.CPU_LORA_ENV, "left over")  # never passed on as it is
+    servers = manager(vllm_cpu_lora_ops=setting)
+    servers.cpu = cpu
+    assert servers.lora_ops() == ops
+    env = servers.environment()
+    assert env.get(module.CPU_LORA_ENV) == ("grouped" if ops == "grouped" else None)
+    servers.environment()
+    assert len(asked) == (1 if setting == "grouped" and cpu else 0)  # asked once at most
+    missing = "computes LoRA with its own CPU ops" in caplog.text
+    assert missing == (setting == "grouped" and cpu and not installed)
+
+
+def test_a_started_server_says_how_it_computes_lora(manager: Any, tiny_model: Path) -> None:
+    servers = manager()  # the stand-in vLLM has no plugin
+    server = run(servers.get(text_of(tiny_model)))
+    assert server.stats()["lora_ops"] == "vllm"
+    assert server.lora_ops == servers.lora_ops() == "vllm"
+
+
 @pytest.mark.parametrize(("settings", "cpu", "asked", "rank"), [
     ({}, True, 0, "8"), ({}, True, 16, "16"), ({}, True, 40, "64"), ({}, True, 128, "8"),
     ({}, False, 8, "64"), ({"vllm_max_lora_rank": 128}, False, 0, "128"),

@@ -51,11 +51,17 @@ _PR_SET_PDEATHSIG = 1
 # The highest adapter rank served unless LORAFLEET_VLLM_MAX_LORA_RANK says otherwise (vLLM's
 # own default is 16): covers the ranks people train with.
 DEFAULT_MAX_LORA_RANK = 64
-# vLLM's CPU LoRA kernels compute at --max-lora-rank whatever the adapter's rank: rank-8
-# adapter rows took 5.7x the base model's time at 64, 3.1x at 16 and 1.2x at 8 (BENCHMARKS.md,
-# "Serving"). So on the CPU a server starts at the smallest rank its adapters need, from 8
-# (the default rank of a job), and restarts at a higher one when a larger adapter comes.
+# vLLM's LoRA slots are --max-lora-rank wide, and on the CPU the LoRA ops compute at that rank
+# whatever the adapter's: rows of rank-8 adapters took 2.1x the base model's time at 64 and
+# 1.2x at 16 and at 8 with lorafleet's grouped ops (5.7x, 3.1x and 1.2x with vLLM's own;
+# BENCHMARKS.md, "Serving"). So on the CPU a server starts at the smallest rank its adapters
+# need, from 8 (the default rank of a job), and restarts at a higher one when a larger adapter
+# comes.
 SMALLEST_ADAPTIVE_RANK = 8
+# lorafleet's vLLM plugin (vllm_plugin/, installed in the vLLM environment): with this variable
+# set to "grouped" a server on the CPU computes LoRA with its ops instead of vLLM's.
+CPU_LORA_PLUGIN = "lorafleet_vllm"
+CPU_LORA_ENV = "LORAFLEET_VLLM_CPU_LORA"
 # vLLM's own default share of a GPU's memory, for one server; managed servers that may run
 # side by side on a GPU divide it (a second server at 0.9 would not start).
 GPU_MEMORY_SHARE = 0.9
@@ -111,6 +117,19 @@ def find_vllm_python(settings: Settings) -> tuple[str | None, str]:
     return str(candidate.absolute()), f"vLLM Python {candidate.absolute()}"
 
 
+def plugin_installed(python: str | None) -> bool:
+    """Whether the vLLM environment of ``python`` has lorafleet's vLLM plugin."""
+    if python is None:
+        return False
+    probe = ("import importlib.util, sys; "
+             f"sys.exit(importlib.util.find_spec({CPU_LORA_PLUGIN!r}) is None)")
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True,
+                              timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @dataclass(eq=False)
 class VllmServer:
     """One vLLM server of one base model, and what this gateway knows of it."""
@@ -125,6 +144,7 @@ class VllmServer:
     in_flight: int = 0
     pending: int = 0  # requests given this server and not yet sent to it (or failed)
     max_lora_rank: int | None = None  # None: an external server, whose rank is its own
+    lora_ops: str | None = None  # on the CPU: "grouped" (lorafleet's plugin) or "vllm"
     adapters: dict[str, AdapterRef] = field(default_factory=dict)  # loaded, by lora name
     adapter_loads: int = 0
     adapter_unloads: int = 0
@@ -203,7 +223,7 @@ class VllmServer:
                 "exit_code": self.exit_code(), "log": str(self.log_path) if self.log_path else None,
                 "started_seconds": self.started_seconds, "in_flight": self.in_flight,
                 "requests": self.requests, "max_lora_rank": self.max_lora_rank,
-                "adapters": len(self.adapters),
+                "lora_ops": self.lora_ops, "adapters": len(self.adapters),
                 "adapter_loads": self.adapter_loads, "adapter_unloads": self.adapter_unloads}
 
 
@@ -247,6 +267,7 @@ class ServerManager:
         self._retiring: dict[VllmServer, asyncio.Task[None]] = {}
         self.starts = 0
         self.rank_restarts = 0
+        self._plugin: bool | None = None  # lorafleet's vLLM plugin installed; None: not asked
 
     def __iter__(self) -> Iterator[VllmServer]:
         return iter(list(self._servers.values()))
@@ -386,14 +407,31 @@ class ServerManager:
               ["--gpu-memory-utilization", str(gpu_memory_utilization(s))]),
         ]
 
+    def lora_ops(self) -> str | None:
+        """How managed servers compute LoRA on the CPU: "grouped" when the setting asks for it
+        and lorafleet's plugin is in the vLLM environment, else "vllm"; None on a GPU."""
+        if not self.cpu:
+            return None
+        if self.settings.vllm_cpu_lora_ops != "grouped":
+            return "vllm"
+        if self._plugin is None:
+            self._plugin = plugin_installed(self.python)
+            if not self._plugin:
+                log.warning("%s has no %s (vllm_plugin/; `make venv-vllm` installs it): vLLM "
+                            "computes LoRA with its own CPU ops, several times slower",
+                            self.python, CPU_LORA_PLUGIN)
+        return "grouped" if self._plugin else "vllm"
+
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", CPU_LORA_ENV)}
         env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "VLLM_NO_USAGE_STATS": "1",
                     "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
                     "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEP_ALIVE_SECONDS)})
         if self.cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.vllm_kv_cache_gib)
+        if self.lora_ops() == "grouped":
+            env[CPU_LORA_ENV] = "grouped"
         return env
 
     def _launch(self, text: ModelText) -> VllmServer:
@@ -416,7 +454,8 @@ class ServerManager:
         log.info("starting a vLLM server for %s on port %d (pid %d, log %s)", text.name, port,
                  process.pid, log_path)
         return VllmServer(text.name, f"http://127.0.0.1:{port}", process, log_path,
-                          served_name=text.name, max_lora_rank=self.rank_of(text.name))
+                          served_name=text.name, max_lora_rank=self.rank_of(text.name),
+                          lora_ops=self.lora_ops())
 
     async def _wait_ready(self, server: VllmServer) -> None:
         start = time.monotonic()
