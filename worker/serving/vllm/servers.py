@@ -95,6 +95,18 @@ def gpu_memory_utilization(settings: Settings) -> float:
     return round(GPU_MEMORY_SHARE / settings.vllm_max_servers, 4)
 
 
+def finds_module(python: str, module: str) -> bool:
+    """Whether ``python`` can import ``module`` (found without importing it, which for vllm
+    takes seconds).
+
+    Raises:
+        OSError, subprocess.TimeoutExpired: ``python`` does not run, or not within 60 s.
+    """
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([python, "-c", probe], capture_output=True,
+                          timeout=60).returncode == 0
+
+
 def find_vllm_python(settings: Settings) -> tuple[str | None, str]:
     """The Python of the vLLM environment, and why (or why not) there is one.
 
@@ -106,10 +118,8 @@ def find_vllm_python(settings: Settings) -> tuple[str | None, str]:
     where = "LORAFLEET_VLLM_PYTHON" if configured else f"{DEFAULT_VLLM_PYTHON} (`make venv-vllm`)"
     if not candidate.is_file() or not os.access(candidate, os.X_OK):
         return None, f"no vLLM Python at {candidate.absolute()} ({where})"
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     try:
-        found = subprocess.run([str(candidate), "-c", probe], capture_output=True,
-                               timeout=60).returncode == 0
+        found = finds_module(str(candidate), "vllm")
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"{candidate} does not run: {e}"
     if not found:
@@ -121,11 +131,8 @@ def plugin_installed(python: str | None) -> bool:
     """Whether the vLLM environment of ``python`` has lorafleet's vLLM plugin."""
     if python is None:
         return False
-    probe = ("import importlib.util, sys; "
-             f"sys.exit(importlib.util.find_spec({CPU_LORA_PLUGIN!r}) is None)")
     try:
-        return subprocess.run([python, "-c", probe], capture_output=True,
-                              timeout=60).returncode == 0
+        return finds_module(python, CPU_LORA_PLUGIN)
     except (OSError, subprocess.TimeoutExpired):
         return False
 
