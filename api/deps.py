@@ -9,7 +9,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.auth import authenticate
+from api.auth import authenticate, authenticate_async
 from shared.db import get_sessionmaker
 
 
@@ -49,5 +49,12 @@ def get_project(session: DbSession, authorization: AuthorizationDep) -> str:
     return authenticate(session, authorization)
 
 
+async def get_project_async(authorization: AuthorizationDep) -> str:
+    """:func:`get_project` on the event loop, for async routes that need no session: a key
+    checked within ``auth_cache_seconds`` costs no database read and no thread pool call."""
+    return await authenticate_async(authorization)
+
+
 SessionDep = DbSession
 ProjectDep = Annotated[str, Depends(get_project)]
+AsyncProjectDep = Annotated[str, Depends(get_project_async)]

@@ -19,35 +19,23 @@ once past half their TTL). What a client can rely on:
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import auth, jobs, presenters
-from api.flights import Flights
+from api.read_cache import ReadCache
 from shared.db import session_scope
 from shared.settings import get_settings
 
-
-@dataclass(slots=True)
-class _Entry:
-    read_at: float  # when the read began, or the job was forgotten (on the cache's clock)
-    expires: float
-    project: str | None = None  # None: forgotten, the next request reads the database
-    body: bytes = b""
+Answer = tuple[str, bytes]  # the job's project, the JSON answer
 
 
-class StatusCache:
-    """Job id -> the project's JSON answer, bounded to ``max_entries`` (oldest go first).
-
-    Thread-safe: the thread pool stores answers and forgets jobs; the event loop reads them.
-    Reads in flight (:meth:`answer`) live on the event loop only.
+class StatusCache(ReadCache[str, Answer]):
+    """Job id -> its project's JSON answer (:class:`~api.read_cache.ReadCache`), for
+    ``status_cache_seconds``; an answer goes only to the job's own project.
 
     Args:
         clock: the time in seconds, as :func:`time.monotonic` gives it (tests pass their own).
@@ -55,73 +43,26 @@ class StatusCache:
 
     def __init__(self, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic):
-        self.max_entries = max_entries
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._flights = Flights()
+        super().__init__(lambda: get_settings().status_cache_seconds, max_entries, clock)
 
     def get(self, job_id: str, project: str) -> bytes | None:
         """The stored answer, unless it expired or belongs to another project."""
-        with self._lock:
-            entry = self._entries.get(job_id)
-        if entry is None or entry.project != project or entry.expires <= self.clock():
-            return None
-        return entry.body
+        answer = self.lookup(job_id)
+        return answer[1] if answer is not None and answer[0] == project else None
 
     def put(self, job_id: str, project: str, body: bytes, read_at: float) -> None:
         """Store an answer whose database read began at ``read_at``, unless a newer read or a
         write (:meth:`forget`) came since."""
-        ttl = get_settings().status_cache_seconds
-        now = self.clock()
-        if read_at + ttl <= now:
-            return
-        with self._lock:
-            current = self._entries.get(job_id)
-            if current is not None and current.read_at > read_at:
-                return
-            self._store(job_id, _Entry(read_at, read_at + ttl, project, body), now)
-
-    def forget(self, job_id: str) -> None:
-        """Call after a write to the job is committed: the next request reads the database,
-        and reads that began before now are not kept."""
-        ttl = get_settings().status_cache_seconds
-        now = self.clock()
-        with self._lock:
-            self._store(job_id, _Entry(now, now + ttl), now)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-        self._flights.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _store(self, job_id: str, entry: _Entry, now: float) -> None:
-        self._entries[job_id] = entry
-        self._entries.move_to_end(job_id)
-        while self._entries and (len(self._entries) > self.max_entries
-                                 or next(iter(self._entries.values())).expires <= now):
-            self._entries.popitem(last=False)
+        self.store(job_id, (project, body), read_at)
 
     async def answer(self, job_id: str, project: str) -> bytes:
         """The project's answer: the stored one while it is fresh, else a database read (in
-        the thread pool, shared with the misses at the same time). A stored answer past half
-        its life is read again in the background, so that steady polling never waits."""
-        ttl = get_settings().status_cache_seconds
-        now = self.clock()
-        with self._lock:
-            entry = self._entries.get(job_id)
-        # A read is shared only if it began after the job's last write and last stored read.
-        since = max(entry.read_at, now - ttl) if entry else now - ttl
-        if entry is None or entry.project != project or entry.expires <= now:
-            # Shielded: a client that goes away does not cancel the read others wait for.
-            return await asyncio.shield(
-                self._flights.join((job_id, project), now, since, _read, job_id, None, project))
-        if now - entry.read_at > ttl / 2:
-            self._flights.join((job_id, project), now, since, _read, job_id, None, project)
-        return entry.body
+        the thread pool, shared with the project's misses at the same time). A stored answer
+        past half its life is read again in the background, so that steady polling never
+        waits."""
+        answer = await self.fetch(job_id, lambda: _read(job_id, None, project),
+                                  usable=lambda a: a[0] == project, flight=(job_id, project))
+        return answer[1]
 
 
 status_cache = StatusCache()
@@ -137,14 +78,11 @@ def job_json(session: Session, job_id: str, project: str) -> bytes:
         by_alias=True).encode()
 
 
-def _read(job_id: str, authorization: str | None, project: str | None) -> bytes:
-    """Authenticate (unless ``project`` is known) and read the job; store the answer."""
-    started = status_cache.clock()
+def _read(job_id: str, authorization: str | None, project: str | None) -> Answer:
+    """Authenticate (unless ``project`` is known) and read the job."""
     with session_scope() as session:
         project = project or auth.authenticate(session, authorization)
-        body = job_json(session, job_id, project)
-    status_cache.put(job_id, project, body, started)
-    return body
+        return project, job_json(session, job_id, project)
 
 
 async def job_status(job_id: str, authorization: str | None) -> bytes:
@@ -157,5 +95,5 @@ async def job_status(job_id: str, authorization: str | None) -> bytes:
     settings = get_settings()
     if settings.status_cache_seconds <= 0 or settings.auth_cache_seconds <= 0:
         # Either way every request reads the database: key and job in one thread pool call.
-        return await run_in_threadpool(_read, job_id, authorization, None)
+        return (await run_in_threadpool(_read, job_id, authorization, None))[1]
     return await status_cache.answer(job_id, await auth.authenticate_async(authorization))

@@ -13,8 +13,10 @@ measured and stopped once per entry of :data:`ENGINES`: lorafleet on vLLM
 default settings (on a CPU host the server starts at the smallest ``--max-lora-rank`` that
 covers the adapters: 8 here), and held at 16 and at 64 (``LORAFLEET_VLLM_MAX_LORA_RANK`` with
 ``LORAFLEET_VLLM_ADAPTIVE_LORA_RANK=false``: what serving a rank-16 or rank-64 adapter beside
-them costs, since vLLM's CPU LoRA kernels compute at the maximum rank), then the built-in
-engine (``LORAFLEET_ENGINE_BACKEND=builtin``). The model is a ~12M-parameter Phi built from
+them costs, since vLLM's CPU LoRA kernels compute at the maximum rank), with vLLM's own CPU
+LoRA ops instead of lorafleet's plugin's (``vllm-ops``) and with vLLM's model processes at
+normal CPU priority instead of ``SCHED_IDLE`` (``vllm-normal``), then the built-in engine
+(``LORAFLEET_ENGINE_BACKEND=builtin``). The model is a ~12M-parameter Phi built from
 a config (random weights, the project's own tokenizer; head dim 64, which vLLM's CPU attention
 takes); the adapters are random LoRA adapters (r=8 on attention
 and MLP projections) carrying the parity probe the worker records for a succeeded job, so vLLM
@@ -28,14 +30,17 @@ of the stream, tokens come from the usage chunk.
    requests one at a time, on each engine. Goals: vLLM concurrent >= 6x vLLM's own one at a
    time; vLLM concurrent >= 1.3x the built-in engine concurrent.
 2. Continuous batching: ``--long-requests`` requests of ``--long-tokens`` tokens, then, once
-   all generate, one request of 8 tokens. Goal (vLLM): its TTFT <= 2x its TTFT on an idle
-   engine, and it ends before the batch does.
+   all generate, one request of 8 tokens, ``--idle-shorts`` times one after the other while
+   the batch runs (as many times as on the idle engine). Goal (vLLM): its median TTFT <= 2x
+   its median TTFT on an idle engine, and they end before the batch does.
 3. Adapter rows vs base rows: the concurrent requests on the base model vs over the adapters.
    Goal: wall time <= 1.3x.
 4. Status polling (``bench/serving_polls.py``): p99 of ``GET /v1/fine_tuning/jobs/{id}``
    while the vLLM engine (default settings) is saturated vs idle, also with the web console's
    own requests replayed (recorded once from the real page in headless Chromium). Goals:
-   <= 2x idle, both; and with the console's requests close to the figure without them.
+   <= 2x idle, both; and with the console's requests close to the figure without them. The
+   same on vLLM with its model processes at normal CPU priority instead of ``SCHED_IDLE``
+   (``LORAFLEET_VLLM_CPU_SCHEDULING=normal``), for comparison.
 
 Results are printed, written to ``bench/out/serving.json`` and, unless ``--no-write``, put in
 the "Serving" section of BENCHMARKS.md (``bench/serving_report.py``; other sections are left
@@ -86,6 +91,11 @@ ENGINES: dict[str, tuple[str, dict[str, str]]] = {
     # bench/cpu_lora.py): what the plugin changes end to end.
     "vllm-ops": ("vLLM, default max LoRA rank, vLLM's own CPU LoRA ops",
                  {"LORAFLEET_ENGINE_BACKEND": "vllm", "LORAFLEET_VLLM_CPU_LORA_OPS": "vllm"}),
+    # vLLM's model processes scheduled as every other process, instead of SCHED_IDLE
+    # (LORAFLEET_VLLM_CPU_SCHEDULING): what the default changes for the API's status polls.
+    "vllm-normal": ("vLLM, default max LoRA rank, model at normal CPU priority",
+                    {"LORAFLEET_ENGINE_BACKEND": "vllm",
+                     "LORAFLEET_VLLM_CPU_SCHEDULING": "normal"}),
     # The engine and its vLLM servers at a lower CPU priority than the API (Unix niceness 10):
     # what a host that runs both on the same CPUs can do (LORAFLEET_ENGINE_NICE).
     "vllm-nice": ("vLLM, default max LoRA rank, engine niced 10",
@@ -162,7 +172,7 @@ def measure_engine(service: LiveService, backend: str, args: argparse.Namespace
         long: list[Call] = [(names[i % len(names)], t, args.long_tokens)
                             for i, t in enumerate(texts[:args.long_requests])]
         batch = _batches(service, lambda: run_interleaved(
-            service.url, service.key, long, short).summary())
+            service.url, service.key, long, short, shorts=args.idle_shorts).summary())
         idle_ttft = statistics.median(s.ttft for s in idle) * 1000
         batch.update(idle_short_ttft_ms=round(idle_ttft, 1),
                      idle_short_ttfts_ms=[round(s.ttft * 1000, 1) for s in idle],
@@ -211,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long-tokens", type=int, default=256,
                         help="continuous batching: max_tokens of the long batch")
     parser.add_argument("--idle-shorts", type=int, default=3,
-                        help="the short request on an idle engine, this many times (median)")
+                        help="the short request on an idle engine, and during the long batch "
+                        "(one after the other), this many times (median)")
     parser.add_argument("--poll-seconds", type=float, default=12.0,
                         help="how long status polls are timed per state (idle, saturated, "
                         "and each with the console's requests)")
@@ -220,7 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES),
                         default=[k for k in ENGINES if k != "vllm-nice"],
                         help="default: all but vllm-nice")
-    parser.add_argument("--poll-engines", nargs="*", choices=list(ENGINES), default=["vllm"],
+    parser.add_argument("--poll-engines", nargs="*", choices=list(ENGINES),
+                        default=["vllm", "vllm-normal"],
                         help="engines the status polls are measured on")
     parser.add_argument("--no-console", action="store_true",
                         help="do not replay the web console's requests during the status polls")

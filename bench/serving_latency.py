@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -423,41 +424,44 @@ def run_calls(url: str, key: str, calls: list[Call], *, concurrent: bool) -> Run
 
 @dataclass
 class Interleaved:
-    """A long batch and one short request sent while it generated."""
+    """A long batch and short requests sent one after the other while it generated."""
 
     long: list[Sample] = field(default_factory=list)
-    short: Sample = field(default_factory=lambda: Sample(""))
-    short_sent_after: float = 0.0  # seconds after the batch was sent
+    shorts: list[Sample] = field(default_factory=list)
+    short_sent_after: float = 0.0  # seconds after the batch was sent, the first short one
 
     def summary(self) -> dict[str, Any]:
         tokens = [s.tokens for s in self.long]
         start = min(s.sent for s in self.long)
         long_done = [s.done for s in self.long]
+        last = max(s.done for s in self.shorts)
         return {
             "long_requests": len(self.long), "long_tokens_min": min(tokens),
             "long_tokens_mean": round(sum(tokens) / len(tokens), 1),
             "long_finish_reasons": finish_reasons(self.long),
             "batch_seconds": round(max(long_done) - start, 3),
             "short_sent_after_s": round(self.short_sent_after, 3),
-            "short_tokens": self.short.tokens,
-            "short_ttft_ms": round(self.short.ttft * 1000, 1),
-            "short_latency_ms": round(self.short.latency * 1000, 1),
-            "short_done_after_s": round(self.short.done - start, 3),
-            "short_before_batch_end": self.short.done < max(long_done),
-            "short_before_first_long": self.short.done < min(long_done),
-            "long_still_generating_when_short_done": sum(d > self.short.done
-                                                         for d in long_done),
+            "short_tokens": self.shorts[0].tokens,
+            "short_ttft_ms": round(statistics.median(s.ttft for s in self.shorts) * 1000, 1),
+            "short_ttfts_ms": [round(s.ttft * 1000, 1) for s in self.shorts],
+            "short_latency_ms": round(statistics.median(s.latency for s in self.shorts) * 1000,
+                                      1),
+            "short_done_after_s": round(last - start, 3),
+            "short_before_batch_end": last < max(long_done),
+            "short_before_first_long": last < min(long_done),
+            "long_still_generating_when_short_done": sum(d > last for d in long_done),
         }
 
 
 def run_interleaved(url: str, key: str, long: list[Call], short: Call,
-                    delay: float = 0.5) -> Interleaved:
+                    delay: float = 0.5, shorts: int = 1) -> Interleaved:
     """Send the ``long`` calls at once; once every one of them has streamed its first text
-    (the whole batch is generating) and ``delay`` more seconds, send ``short``."""
+    (the whole batch is generating) and ``delay`` more seconds, send ``short``; ``shorts``
+    times in all, each ``delay`` after the previous one ended, as long as the batch runs."""
 
     async def main() -> Interleaved:
         async with _client(url, key) as http:
-            out = Interleaved(long=[Sample(c[0]) for c in long], short=Sample(short[0]))
+            out = Interleaved(long=[Sample(c[0]) for c in long])
             start = time.perf_counter()
             tasks = [asyncio.ensure_future(_stream(http, c, s))
                      for c, s in zip(long, out.long, strict=True)]
@@ -465,9 +469,14 @@ def run_interleaved(url: str, key: str, long: list[Call], short: Call,
                 if any(t.done() for t in tasks):  # one ended (or failed) before all began
                     break
                 await asyncio.sleep(0.005)
-            await asyncio.sleep(delay)
-            out.short_sent_after = time.perf_counter() - start
-            await asyncio.gather(_stream(http, short, out.short), *tasks)
+            for n in range(shorts):
+                await asyncio.sleep(delay)
+                if n and any(t.done() for t in tasks):  # only while the whole batch runs
+                    break
+                if not n:
+                    out.short_sent_after = time.perf_counter() - start
+                out.shorts.append(await _stream(http, short, Sample(short[0])))
+            await asyncio.gather(*tasks)
             return out
 
     return asyncio.run(main())

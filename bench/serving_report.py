@@ -280,8 +280,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['repeats']}, adapters and base model alternating.", "",
         *run_rows(results), "", *cpu_text(results), *goal_rows(results["goals"]), "",
         "Continuous batching: a batch of long requests over the adapters, then, once every one "
-        f"of them streams, one request of {short} tokens (its idle figures: median of "
-        f"{results.get('idle_shorts', 3)} on the idle engine).", "",
+        f"of them streams, one request of {short} tokens, {results.get('idle_shorts', 3)} "
+        "times one after the other while the batch runs, and as many times on the idle "
+        "engine (medians; *short ended at*: the last one; the built-in engine runs the "
+        "batch to its end first, so it gets one).", "",
         "| Engine | Long batch | Short sent at | TTFT busy / idle ms | "
         "Latency busy / idle ms | Short ended at | Batch ended at |",
         "|---|---|---|---|---|---|---|"]
@@ -369,7 +371,7 @@ def explain(results: dict[str, Any]) -> str:
             + ", ".join(f"{ab(k):.1f} ({label(results, k)})" for k in vllm)
             + f" (peft's mixed batches in the built-in engine: {ab('builtin'):.1f}x). On the "
             "base model alone: " + ", ".join(f"{e[k]['concurrent_base']['tokens_per_s']} "
-                                             f"(rank {rank(e[k])})" for k in vllm)
+                                             f"({label(results, k)})" for k in vllm)
             + f" and {b['concurrent_base']['tokens_per_s']} tok/s (built-in); on one CPU core "
             "a batch's matrix products are compute-bound, so batching gains far less than on "
             "a GPU.")
@@ -379,12 +381,12 @@ def explain(results: dict[str, Any]) -> str:
                 f"Of the CPU the {results['requests']} concurrent requests over the adapters "
                 "used, the hops (the API, the engine and vLLM's HTTP front end, each parsing "
                 "and writing every streamed chunk) took "
-                + ", ".join(f"{v:.0%} (rank {rank(e[k])})" for k, v in shares)
+                + ", ".join(f"{v:.0%} ({label(results, k)})" for k, v in shares)
                 + "; the rest is vLLM's engine core, which generates, and the clients.")
         out.append(
             "One at a time, each request on vLLM pays vLLM's scheduler on every step and one "
             "more HTTP hop (engine → vLLM): "
-            + ", ".join(f"{e[k]['sequential']['tokens_per_s']} tok/s (rank {rank(e[k])})"
+            + ", ".join(f"{e[k]['sequential']['tokens_per_s']} tok/s ({label(results, k)})"
                         for k in vllm)
             + f" vs {b['sequential']['tokens_per_s']} on the built-in engine.")
         spin = spinning(results, vllm[0])
@@ -414,12 +416,33 @@ def explain(results: dict[str, Any]) -> str:
         out.append(
             f"Status polls ({label(results, key)}): p99 {s['idle']['p99_ms']} ms idle, "
             f"{s['busy']['p99_ms']} ms saturated ({s['p99_ratio']}x; p50 "
-            f"{s['idle']['p50_ms']} and {s['busy']['p50_ms']} ms): the slow polls wait for "
-            "the CPU, which the API process shares with the engine, vLLM's processes and the "
-            "load clients.")
+            f"{s['idle']['p50_ms']} and {s['busy']['p50_ms']} ms).")
         if "console_vs_without" in s:
             out.append(console_text(s))
+    if "status_poll" in e.get("vllm", {}) and "status_poll" in e.get("vllm-normal", {}):
+        out.append(scheduling_text(results))
     return " ".join(out)
+
+
+def scheduling_text(results: dict[str, Any]) -> str:
+    """What scheduling vLLM's model processes with SCHED_IDLE did, against normal priority."""
+    idle, normal = results["engines"]["vllm"], results["engines"]["vllm-normal"]
+    a, b = idle["status_poll"], normal["status_poll"]
+    return (
+        "A slow poll is one that waits for a core: the API process shares the two with vLLM's "
+        "engine core and worker, its HTTP front end, the engine's relay and the load clients. "
+        "By default lorafleet's vLLM plugin schedules the processes that run the model with "
+        "Linux's SCHED_IDLE (`LORAFLEET_VLLM_CPU_SCHEDULING=idle`), so that any other process "
+        "that wakes up gets a core at once; at normal priority the saturated p99 was "
+        f"{b['busy']['p99_ms']} ms ({b['p99_ratio']}x idle) against {a['busy']['p99_ms']} ms "
+        f"({a['p99_ratio']}x), in the same run. It costs the model no throughput here: "
+        f"{tps_of(idle)} tok/s for the 32 concurrent requests with SCHED_IDLE, "
+        f"{tps_of(normal)} at normal priority (the CPU time it gives up is what the relays "
+        "and clients need to keep it fed).")
+
+
+def tps_of(engine: dict[str, Any]) -> Any:
+    return engine["concurrent"]["tokens_per_s"]
 
 
 def spinning(results: dict[str, Any], key: str) -> str:

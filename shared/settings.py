@@ -67,6 +67,15 @@ class Settings(BaseSettings):
         "request.",
     )
 
+    model_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long the API reuses what a model name in an inference request "
+        "resolved to (the job and adapter behind it): a model deleted through another API "
+        "process is answered 404 by the engine instead of the API for this long. 0: read the "
+        "database every request.",
+    )
+
     # --- input limits --------------------------------------------------------------------
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Largest upload (bytes).")
     max_upload_lines: int = Field(1_000_000, ge=1, description="Most JSONL lines in one upload.")
@@ -208,8 +217,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=19,
-        description="Lower the engine's CPU priority by this much (Unix niceness). On a CPU "
-        "host shared with the API, 10 keeps the API responsive while the engine is saturated.",
+        description="Lower the CPU priority of the engine and of every process it starts by "
+        "this much (Unix niceness), to put it behind other work on its host. On a CPU, vLLM's "
+        "model processes yield the CPU to the API already (LORAFLEET_VLLM_CPU_SCHEDULING).",
     )
     engine_timeout_seconds: float = Field(
         600.0, gt=0, description="How long the API waits for the engine to answer."
@@ -307,6 +317,15 @@ class Settings(BaseSettings):
         "(lorafleet's vLLM plugin, which `make venv-vllm` installs: one matrix product per "
         "layer for all the adapters of a batch) or vllm (vLLM's own CPU ops, which copy every "
         "token's adapter weights; several times slower, bench/cpu_lora.py). No effect on a GPU.",
+    )
+    vllm_cpu_scheduling: Literal["idle", "normal"] = Field(
+        "idle",
+        description="How the processes of a vLLM server the engine starts on the CPU that run "
+        "the model are scheduled: idle (Linux SCHED_IDLE, by lorafleet's vLLM plugin: the "
+        "model computes on the CPU time every other process leaves, so the API answers as "
+        "fast while the engine is saturated as while it is idle; a CPU-bound process on the "
+        "same cores, such as a training worker, then comes first) or normal. No effect on a "
+        "GPU.",
     )
     parity_check: Literal["strict", "warn", "off"] = Field(
         "strict",

@@ -81,6 +81,7 @@ def settings_env(
     """Point this process's ``get_settings()`` at a fresh storage folder, with overrides:
     ``settings = settings_env(max_upload_bytes=10)``. Caches are cleared before and after."""
     from api.auth import key_cache, key_checks
+    from api.model_cache import model_cache
     from api.status_cache import status_cache
     from shared import db, queue
     from shared.settings import get_settings
@@ -95,6 +96,7 @@ def settings_env(
         key_cache.clear()
         key_checks.clear()
         status_cache.clear()  # reads in flight too: they belong to the old event loop
+        model_cache.clear()
 
     def configure(**overrides: Any) -> Any:
         for name in [n for n in os.environ if n.startswith("LORAFLEET_")]:

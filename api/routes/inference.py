@@ -12,14 +12,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from sqlalchemy.orm import Session
 
-from api import metrics, served_models
-from api.deps import ProjectDep, SessionDep
+from api import metrics, model_cache, served_models
+from api.deps import AsyncProjectDep
 from api.engine import engine_client, engine_error
 from api.served_models import PARITY_FAILED
+from shared.db import session_scope
 from shared.errors import ServiceUnavailable
-from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
+from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -32,18 +32,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _resolve(session: Session, project: str, model: str) -> Target:
-    target = served_models.resolve_model(session, project, model)
-    # Give the connection back to the pool now: a request may wait for the engine for long,
-    # and sessions held that long would starve every other route of connections.
-    session.commit()
-    return target
-
-
-async def _forward(request: Request, session: SessionDep, project: str, body: SamplingRequest,
-                   path: str) -> Response:
-    # The database lookup is blocking: keep it off the event loop.
-    target = await run_in_threadpool(_resolve, session, project, body.model)
+async def _forward(request: Request, project: str, body: SamplingRequest, path: str
+                   ) -> Response:
+    # Async all the way, with no session: a request may wait for the engine for long, and the
+    # model is resolved from api.model_cache (a database read in the thread pool on a miss).
+    target = await model_cache.resolve(project, body.model)
     payload = {**body.model_dump(mode="json", exclude_unset=True),
                "target": target.model_dump(mode="json")}
     started = time.perf_counter()
@@ -55,31 +48,30 @@ async def _forward(request: Request, session: SessionDep, project: str, body: Sa
     metrics.observe_inference(target.model, path, started, answer)
     error = engine_error(answer) if target.adapter_path is not None else None
     if error is not None and error.get("code") == PARITY_FAILED:
-        await run_in_threadpool(_note_parity_failure, session, target.model, error)
+        await run_in_threadpool(_note_parity_failure, target.model, error)
     return answer
 
 
-def _note_parity_failure(session: Session, model: str, error: dict[str, Any]) -> None:
+def _note_parity_failure(model: str, error: dict[str, Any]) -> None:
     # The caller gets the engine's answer whatever happens here: the event is for the job's
     # owner, who reads it in the job's events.
     try:
-        served_models.record_parity_failure(session, model, error)
-        session.commit()
+        with session_scope() as session:
+            served_models.record_parity_failure(session, model, error)
     except Exception:  # noqa: BLE001
-        session.rollback()
         log.warning("could not record the parity failure of %s", model, exc_info=True)
 
 
 @router.post("/completions", responses=_RESPONSES)
-async def create_completion(body: CompletionRequest, request: Request, session: SessionDep,
-                            project: ProjectDep) -> Response:
+async def create_completion(body: CompletionRequest, request: Request,
+                            project: AsyncProjectDep) -> Response:
     """A text completion; the prompt is wrapped in the adapter's prompt format unless
     ``raw_prompt`` is true. ``stream: true`` answers with server-sent events."""
-    return await _forward(request, session, project, body, "/v1/completions")
+    return await _forward(request, project, body, "/v1/completions")
 
 
 @router.post("/chat/completions", responses=_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
-                                 session: SessionDep, project: ProjectDep) -> Response:
+                                 project: AsyncProjectDep) -> Response:
     """A chat completion. ``stream: true`` answers with server-sent events."""
-    return await _forward(request, session, project, body, "/v1/chat/completions")
+    return await _forward(request, project, body, "/v1/chat/completions")

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from api import served_models
 from api.deps import ProjectDep, SessionDep
+from api.model_cache import model_cache
 from api.served_models import ModelDeleted, ModelPublic, ModelsPublic
 from api.status_cache import status_cache
 from shared import storage
@@ -31,6 +32,7 @@ def delete_model(model: str, session: SessionDep, project: ProjectDep) -> ModelD
     its history; the name is no longer listed or served."""
     folder = served_models.delete_model(session, project, model)
     session.commit()  # first: a failed commit must leave the model whole, files included
+    model_cache.forget((project, model))
     storage.remove_tree(folder)
     job_id = served_models.job_of(model)
     if job_id is not None:

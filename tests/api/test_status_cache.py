@@ -238,10 +238,11 @@ def test_misses_at_the_same_time_share_one_read(
     calls: list[str] = []
     release = threading.Event()
 
-    def slow_read(job_id: str, authorization: str | None, project: str | None) -> bytes:
+    def slow_read(job_id: str, authorization: str | None, project: str | None
+                  ) -> tuple[str, bytes]:
         calls.append(job_id)
         release.wait(5)
-        return b"{}"
+        return "p", b"{}"
 
     monkeypatch.setattr(status_module, "_read", slow_read)
 
@@ -264,12 +265,13 @@ def test_a_write_during_a_shared_read_starts_a_new_one(
     started = threading.Event()
     release = threading.Event()
 
-    def read(job_id: str, authorization: str | None, project: str | None) -> bytes:
+    def read(job_id: str, authorization: str | None, project: str | None
+             ) -> tuple[str, bytes]:
         body = next(answers)
         if body == b"before":
             started.set()
             release.wait(5)
-        return body
+        return "p", body
 
     monkeypatch.setattr(status_module, "_read", read)
 
@@ -293,11 +295,10 @@ def test_an_answer_past_half_its_life_is_read_again_in_the_background(
     clock.advance(0.6 * ttl)
     release = threading.Event()
 
-    def read(job_id: str, authorization: str | None, project: str | None) -> bytes:
-        began = clock()
+    def read(job_id: str, authorization: str | None, project: str | None
+             ) -> tuple[str, bytes]:
         release.wait(5)
-        cache.put(job_id, "p", b"new", began)
-        return b"new"
+        return "p", b"new"
 
     monkeypatch.setattr(status_module, "_read", read)
 

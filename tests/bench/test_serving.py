@@ -182,7 +182,8 @@ def test_the_relay_share_counts_the_engine_only_on_vllm() -> None:
     assert report.relay_share(r["engines"]["builtin"]["sequential"]) is None
     text = report.markdown(r)
     assert "CPU seconds each process used during those runs" in text
-    assert "took 44% (rank 16); the rest is vLLM's engine core" in text
+    assert ("took 44% (vLLM, default max LoRA rank (16)); the rest is vLLM's engine core"
+            in text)
     assert ("vLLM's engine core and its worker used 20.0 CPU seconds (40% of the 2 cores over "
             "the run; vLLM, default max LoRA rank (16)) for the tokens that took them 4.0 "
             "concurrently") in text
@@ -270,3 +271,39 @@ def test_max_lora_rank_is_read_from_the_vllm_command_line() -> None:
                          ) == 16
     assert max_lora_rank([["vllm", "--max-lora-rank=64"]]) == 64
     assert max_lora_rank([["python", "-m", "cli.main", "serve"]]) is None
+
+
+def test_the_report_compares_idle_and_normal_cpu_scheduling_of_the_model() -> None:
+    r = results()
+    normal = {**r["engines"]["vllm"], "label": "vLLM, model at normal CPU priority",
+              "settings": {"LORAFLEET_ENGINE_BACKEND": "vllm",
+                           "LORAFLEET_VLLM_CPU_SCHEDULING": "normal"},
+              "concurrent": run(250.0, 5.2), "status_poll": polls(10.0, 80.0, 11.0, 90.0)}
+    assert "SCHED_IDLE" not in report.markdown(r)  # only with both runs
+    r["engines"] = {"vllm": r["engines"]["vllm"], "vllm-normal": normal,
+                    "builtin": r["engines"]["builtin"]}
+    r["goals"] = report.goals(r)
+    text = report.markdown(r)
+    assert ("at normal priority the saturated p99 was 80.0 ms (8.0x idle) against 30.0 ms "
+            "(3.0x), in the same run") in text
+    assert "260.0 tok/s for the 32 concurrent requests with SCHED_IDLE, 250.0 at normal" in text
+    verdicts = by_name(r["goals"])
+    assert not verdicts["vLLM, model at normal CPU priority: `GET /v1/fine_tuning/jobs/{id}` "
+                        "p99, engine saturated vs idle"]["met"]
+
+
+def test_the_short_requests_during_a_batch_give_their_median_and_the_last_one_ends_it() -> None:
+    from bench.serving_latency import Interleaved, Sample
+
+    long = [Sample("a", sent=0.0, first=0.1, done=10.0, tokens=256),
+            Sample("b", sent=0.0, first=0.1, done=12.0, tokens=256)]
+    shorts = [Sample("s", sent=s, first=s + t, done=s + 0.3, tokens=8)
+              for s, t in [(1.0, 0.10), (2.0, 0.30), (3.0, 0.12)]]
+    c = Interleaved(long=long, shorts=shorts, short_sent_after=1.0).summary()
+    assert c["short_ttft_ms"] == 120.0 and c["short_ttfts_ms"] == [100.0, 300.0, 120.0]
+    assert c["short_done_after_s"] == 3.3 and c["short_before_batch_end"]
+    assert c["short_before_first_long"] and c["long_still_generating_when_short_done"] == 2
+    late = Interleaved(long=long, shorts=[*shorts, Sample("s", sent=11.0, first=11.1,
+                                                          done=11.5, tokens=8)])
+    assert late.summary()["long_still_generating_when_short_done"] == 1
+    assert not late.summary()["short_before_first_long"]

@@ -9,8 +9,10 @@ succeeded jobs written straight into the database: no training needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -175,6 +177,28 @@ def test_the_server_computes_lora_with_the_grouped_cpu_ops(
     view = engine_view(serving, tiny_model)
     assert view["lora_ops"] == "grouped"
     assert "Using PunicaWrapperCPUGrouped" in Path(view["log"]).read_text()
+
+
+def test_the_servers_model_processes_run_at_idle_cpu_priority(
+        serving: ServingStack, client: openai.OpenAI, tiny_model: Path,
+        by_format: dict[str, tuple[str, Path]]) -> None:
+    # What keeps the API responsive while vLLM fills the cores (BENCHMARKS.md, status polls).
+    name, _ = by_format["dolly"]
+    client.completions.create(model=name, prompt=DIALOGUE, max_tokens=2, temperature=0)
+    view = engine_view(serving, tiny_model)
+    assert view["cpu_scheduling"] == "idle"
+    said = re.findall(r"lorafleet: (\w+) \(pid (\d+)\) runs with SCHED_IDLE",
+                      Path(view["log"]).read_text())
+    names = {process for process, _ in said}
+    assert any(n.startswith("EngineCore") for n in names), said
+    for _, pid in said:
+        if not Path(f"/proc/{pid}").exists():
+            continue  # a process of an earlier server of this module (restarted at a rank)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                assert os.sched_getscheduler(int(tid)) == os.SCHED_IDLE, (pid, tid)
+    # The server's HTTP front end keeps its priority: it answers the engine.
+    assert os.sched_getscheduler(view["pid"]) == os.SCHED_OTHER
 
 
 def test_an_adapter_changed_after_its_probe_is_refused(

@@ -135,7 +135,7 @@ def test_cpu_servers_compute_lora_with_the_plugin_where_it_is_installed(
     monkeypatch.setattr(module, "plugin_installed",
                         lambda python: asked.append(python) or installed)
     monkeypatch.setenv(module.CPU_LORA_ENV, "left over")  # never passed on as it is
-    servers = manager(vllm_cpu_lora_ops=setting)
+    servers = manager(vllm_cpu_lora_ops=setting, vllm_cpu_scheduling="normal")
     servers.cpu = cpu
     assert servers.lora_ops() == ops
     env = servers.environment()
@@ -146,11 +146,34 @@ def test_cpu_servers_compute_lora_with_the_plugin_where_it_is_installed(
     assert missing == (setting == "grouped" and cpu and not installed)
 
 
-def test_a_started_server_says_how_it_computes_lora(manager: Any, tiny_model: Path) -> None:
+@pytest.mark.parametrize(("setting", "installed", "cpu", "scheduling"), [
+    ("idle", True, True, "idle"), ("idle", False, True, "normal"),
+    ("normal", True, True, "normal"), ("idle", True, False, None)])
+def test_cpu_servers_run_the_model_at_idle_priority_where_the_plugin_is_installed(
+        manager: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        setting: str, installed: bool, cpu: bool, scheduling: str | None) -> None:
+    from worker.serving.vllm import servers as module
+
+    asked: list[str | None] = []
+    monkeypatch.setattr(module, "plugin_installed",
+                        lambda python: asked.append(python) or installed)
+    monkeypatch.setenv(module.CPU_SCHEDULING_ENV, "idle")  # left over: never passed on
+    servers = manager(vllm_cpu_scheduling=setting, vllm_cpu_lora_ops="vllm")
+    servers.cpu = cpu
+    assert servers.cpu_scheduling() == scheduling
+    env = servers.environment()
+    assert env.get(module.CPU_SCHEDULING_ENV) == ("idle" if scheduling == "idle" else None)
+    assert len(asked) == (1 if setting == "idle" and cpu else 0)
+    missing = "runs the model at the API's CPU priority" in caplog.text
+    assert missing == (setting == "idle" and cpu and not installed)
+
+
+def test_a_started_server_says_how_it_runs_on_the_cpu(manager: Any, tiny_model: Path) -> None:
     servers = manager()  # the stand-in vLLM has no plugin
     server = run(servers.get(text_of(tiny_model)))
     assert server.stats()["lora_ops"] == "vllm"
     assert server.lora_ops == servers.lora_ops() == "vllm"
+    assert server.stats()["cpu_scheduling"] == server.cpu_scheduling == "normal"
 
 
 @pytest.mark.parametrize(("settings", "cpu", "asked", "rank"), [

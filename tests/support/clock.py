@@ -21,12 +21,13 @@ class FakeClock:
 
 
 def install_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """One :class:`FakeClock` for this process's key cache and job status cache (put back
-    when ``monkeypatch`` is undone)."""
+    """One :class:`FakeClock` for this process's key cache, job status cache and model cache
+    (put back when ``monkeypatch`` is undone)."""
     from api.auth import key_cache
+    from api.model_cache import model_cache
     from api.status_cache import status_cache
 
     clock = FakeClock()
-    monkeypatch.setattr(key_cache, "clock", clock)
-    monkeypatch.setattr(status_cache, "clock", clock)
+    for cache in (key_cache, status_cache, model_cache):
+        monkeypatch.setattr(cache, "clock", clock)
     return clock

@@ -58,10 +58,12 @@ DEFAULT_MAX_LORA_RANK = 64
 # need, from 8 (the default rank of a job), and restarts at a higher one when a larger adapter
 # comes.
 SMALLEST_ADAPTIVE_RANK = 8
-# lorafleet's vLLM plugin (vllm_plugin/, installed in the vLLM environment): with this variable
-# set to "grouped" a server on the CPU computes LoRA with its ops instead of vLLM's.
+# lorafleet's vLLM plugin (vllm_plugin/, installed in the vLLM environment): with the first
+# variable set to "grouped" a server on the CPU computes LoRA with its ops instead of vLLM's;
+# with the second set to "idle" its processes that run the model are scheduled SCHED_IDLE.
 CPU_LORA_PLUGIN = "lorafleet_vllm"
 CPU_LORA_ENV = "LORAFLEET_VLLM_CPU_LORA"
+CPU_SCHEDULING_ENV = "LORAFLEET_VLLM_CPU_SCHEDULING"
 # vLLM's own default share of a GPU's memory, for one server; managed servers that may run
 # side by side on a GPU divide it (a second server at 0.9 would not start).
 GPU_MEMORY_SHARE = 0.9
@@ -152,6 +154,7 @@ class VllmServer:
     pending: int = 0  # requests given this server and not yet sent to it (or failed)
     max_lora_rank: int | None = None  # None: an external server, whose rank is its own
     lora_ops: str | None = None  # on the CPU: "grouped" (lorafleet's plugin) or "vllm"
+    cpu_scheduling: str | None = None  # on the CPU: "idle" (lorafleet's plugin) or "normal"
     adapters: dict[str, AdapterRef] = field(default_factory=dict)  # loaded, by lora name
     adapter_loads: int = 0
     adapter_unloads: int = 0
@@ -230,7 +233,8 @@ class VllmServer:
                 "exit_code": self.exit_code(), "log": str(self.log_path) if self.log_path else None,
                 "started_seconds": self.started_seconds, "in_flight": self.in_flight,
                 "requests": self.requests, "max_lora_rank": self.max_lora_rank,
-                "lora_ops": self.lora_ops, "adapters": len(self.adapters),
+                "lora_ops": self.lora_ops, "cpu_scheduling": self.cpu_scheduling,
+                "adapters": len(self.adapters),
                 "adapter_loads": self.adapter_loads, "adapter_unloads": self.adapter_unloads}
 
 
@@ -421,17 +425,34 @@ class ServerManager:
             return None
         if self.settings.vllm_cpu_lora_ops != "grouped":
             return "vllm"
+        return "grouped" if self._has_plugin() else "vllm"
+
+    def cpu_scheduling(self) -> str | None:
+        """How the processes of managed servers that run the model are scheduled on the CPU:
+        "idle" (Linux's SCHED_IDLE) when the setting asks for it and lorafleet's plugin is in
+        the vLLM environment, else "normal"; None on a GPU."""
+        if not self.cpu:
+            return None
+        if self.settings.vllm_cpu_scheduling != "idle" or not hasattr(os, "SCHED_IDLE"):
+            return "normal"
+        return "idle" if self._has_plugin() else "normal"
+
+    def _has_plugin(self) -> bool:
+        """Whether lorafleet's plugin is in the vLLM environment (asked once; a warning when
+        it is missing)."""
         if self._plugin is None:
             self._plugin = plugin_installed(self.python)
             if not self._plugin:
                 log.warning("%s has no %s (vllm_plugin/; `make venv-vllm` installs it): vLLM "
-                            "computes LoRA with its own CPU ops, several times slower",
-                            self.python, CPU_LORA_PLUGIN)
-        return "grouped" if self._plugin else "vllm"
+                            "computes LoRA with its own CPU ops, several times slower, and "
+                            "runs the model at the API's CPU priority", self.python,
+                            CPU_LORA_PLUGIN)
+        return self._plugin
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", CPU_LORA_ENV)}
+               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", CPU_LORA_ENV,
+                            CPU_SCHEDULING_ENV)}
         env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "VLLM_NO_USAGE_STATS": "1",
                     "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
                     "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEP_ALIVE_SECONDS)})
@@ -439,6 +460,8 @@ class ServerManager:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.vllm_kv_cache_gib)
         if self.lora_ops() == "grouped":
             env[CPU_LORA_ENV] = "grouped"
+        if self.cpu_scheduling() == "idle":
+            env[CPU_SCHEDULING_ENV] = "idle"
         return env
 
     def _launch(self, text: ModelText) -> VllmServer:
@@ -462,7 +485,7 @@ class ServerManager:
                  process.pid, log_path)
         return VllmServer(text.name, f"http://127.0.0.1:{port}", process, log_path,
                           served_name=text.name, max_lora_rank=self.rank_of(text.name),
-                          lora_ops=self.lora_ops())
+                          lora_ops=self.lora_ops(), cpu_scheduling=self.cpu_scheduling())
 
     async def _wait_ready(self, server: VllmServer) -> None:
         start = time.monotonic()
