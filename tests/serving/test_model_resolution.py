@@ -100,17 +100,14 @@ def test_unknown_and_foreign_models_are_not_found(db: Any) -> None:
 def test_resolving_gives_the_database_connection_back(db: Any) -> None:
     """A request may wait for the engine for minutes: it must not hold a pooled connection
     meanwhile, or enough waiting requests starve every other route."""
-    from api.routes.inference import _resolve
+    from api.model_cache import _resolve
     from shared.db import get_engine
 
     with db() as s:
         job = add_job(s, "succeeded")
-    session = db()
-    try:
-        _resolve(session, "p", job.fine_tuned_model)
-        assert get_engine().pool.checkedout() == 0
-    finally:
-        session.close()
+    target = _resolve("p", job.fine_tuned_model)
+    assert target.model == job.fine_tuned_model and target.adapter_path
+    assert get_engine().pool.checkedout() == 0
 
 
 def test_routes_without_an_engine(db: Any) -> None:

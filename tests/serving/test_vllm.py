@@ -115,6 +115,14 @@ def engine_view(serving: ServingStack, base: Path) -> dict[str, Any]:
     return dict(serving.engine_stats()["base_models"][str(base)])
 
 
+def view_after_a_request(serving: ServingStack, client: openai.OpenAI, base: Path,
+                         by_format: dict[str, tuple[str, Path]]) -> dict[str, Any]:
+    """:func:`engine_view` once an adapter's request has been served."""
+    name, _ = by_format["dolly"]
+    client.completions.create(model=name, prompt=DIALOGUE, max_tokens=2, temperature=0)
+    return engine_view(serving, base)
+
+
 def vllm_pid(serving: ServingStack, base: Path) -> int:
     return int(engine_view(serving, base)["pid"])
 
@@ -172,9 +180,7 @@ def test_the_server_computes_lora_with_the_grouped_cpu_ops(
         serving: ServingStack, client: openai.OpenAI, tiny_model: Path,
         by_format: dict[str, tuple[str, Path]]) -> None:
     # The outputs above, equal to peft's, came from these ops (test_vllm_cpu_lora.py).
-    name, _ = by_format["dolly"]
-    client.completions.create(model=name, prompt=DIALOGUE, max_tokens=2, temperature=0)
-    view = engine_view(serving, tiny_model)
+    view = view_after_a_request(serving, client, tiny_model, by_format)
     assert view["lora_ops"] == "grouped"
     assert "Using PunicaWrapperCPUGrouped" in Path(view["log"]).read_text()
 
@@ -183,17 +189,15 @@ def test_the_servers_model_processes_run_at_idle_cpu_priority(
         serving: ServingStack, client: openai.OpenAI, tiny_model: Path,
         by_format: dict[str, tuple[str, Path]]) -> None:
     # What keeps the API responsive while vLLM fills the cores (BENCHMARKS.md, status polls).
-    name, _ = by_format["dolly"]
-    client.completions.create(model=name, prompt=DIALOGUE, max_tokens=2, temperature=0)
-    view = engine_view(serving, tiny_model)
+    view = view_after_a_request(serving, client, tiny_model, by_format)
     assert view["cpu_scheduling"] == "idle"
     said = re.findall(r"lorafleet: (\w+) \(pid (\d+)\) runs with SCHED_IDLE",
                       Path(view["log"]).read_text())
     names = {process for process, _ in said}
     assert any(n.startswith("EngineCore") for n in names), said
-    for _, pid in said:
-        if not Path(f"/proc/{pid}").exists():
-            continue  # a process of an earlier server of this module (restarted at a rank)
+    live = [pid for _, pid in said if Path(f"/proc/{pid}").exists()]  # this server's
+    assert live, said
+    for pid in live:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(ProcessLookupError):
                 assert os.sched_getscheduler(int(tid)) == os.SCHED_IDLE, (pid, tid)
