@@ -17,8 +17,6 @@ polls) wait behind. What a client can rely on:
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
-
 from api import served_models
 from api.read_cache import ReadCache
 from shared.db import session_scope
@@ -37,6 +35,4 @@ def _resolve(project: str, model: str) -> Target:
 async def resolve(project: str, model: str) -> Target:
     """The engine target of ``model`` for ``project`` (see
     :func:`~api.served_models.resolve_model`, and its errors)."""
-    if get_settings().model_cache_seconds <= 0:
-        return await run_in_threadpool(_resolve, project, model)
     return await model_cache.fetch((project, model), lambda: _resolve(project, model))
