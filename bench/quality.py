@@ -108,9 +108,9 @@ def the_format(name: str) -> PromptFormat:
 
 def test_examples(model_dir: Path, fmt: PromptFormat, plan: Plan) -> tuple[Any, list[Any]]:
     """The model's text side and the first test dialogues whose prompt fits, in ``fmt``."""
+    from modelio.model_text import ModelText
     from shared.schemas import LoraSpec, TrainingSpec
     from worker.evaluation import load_examples
-    from worker.serving.model_text import ModelText
 
     text = ModelText(str(model_dir))
     spec = TrainingSpec(

@@ -194,8 +194,8 @@ def job_body(model_dir: Path, file_id: str, hp: Hyper) -> dict[str, Any]:
 def direct_run(model_dir: Path, train_file: Path, out: Path, hp: Hyper) -> float:
     """The job's work called directly, as the worker calls it; returns wall seconds."""
     from bench.throughput import lorafleet_spec
+    from modelio.loading import load_tokenizer
     from shared.settings import get_settings
-    from worker.loading import load_tokenizer
     from worker.preprocess import prepare
     from worker.training import train_adapter
 

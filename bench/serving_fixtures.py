@@ -3,7 +3,7 @@ adapters in the worker's layout (with the worker's parity probe, which vLLM repl
 first loads one), and prompts from DialogSum.
 
 The serving tests build their adapters with the same :func:`build_adapter`
-(``tests/serving/conftest.py`` imports it): the bench never imports from ``tests/``.
+(``tests/engine/conftest.py`` imports it): the bench never imports from ``tests/``.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def parity_probe_of(model: Any, base: Path, prompt_format: dict[str, Any]) -> di
     Raises:
         RuntimeError: the worker made no parity probe (its log says why).
     """
+    from modelio.loading import load_tokenizer
     from shared.schemas import LoraSpec, TrainingSpec
     from shared.templates import PromptFormat
-    from worker.loading import load_tokenizer
     from worker.training.probe import parity_probe
 
     spec = TrainingSpec(model=str(base), training_file="file-x", lora=LoraSpec(),

@@ -127,8 +127,8 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
     handling of packed rows), ``lm_head_everywhere``, ``full_last_layer`` (the last layer on
     every position), ``torch_compile``, ``dataloader_workers``.
     """
+    from modelio.loading import load_tokenizer
     from shared.settings import get_settings
-    from worker.loading import load_tokenizer
     from worker.preprocess import prepare
     from worker.training import Hooks, StartInfo, model, trainer
 

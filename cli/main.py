@@ -95,7 +95,7 @@ def cmd_serve() -> int:
     import uvicorn
 
     s = get_settings()
-    uvicorn.run("worker.serving.app:create_app", factory=True, host=s.engine_host,
+    uvicorn.run("engine.app:create_app", factory=True, host=s.engine_host,
                 port=s.engine_port, log_level="info", timeout_graceful_shutdown=5,
                 timeout_keep_alive=SERVER_KEEP_ALIVE_SECONDS)
     return 0

@@ -1,7 +1,7 @@
 """The one place where exceptions become HTTP responses, in OpenAI's error shape.
 
 Both HTTP services install these handlers: the API (``api/main.py``) and the inference engine
-(``worker/serving/app.py``), so a client sees the same error body from either; the API passes
+(``engine/app.py``), so a client sees the same error body from either; the API passes
 the engine's errors through unchanged.
 """
 

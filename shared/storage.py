@@ -9,6 +9,10 @@ from pathlib import Path
 
 from shared.settings import get_settings
 
+# Written last into a checkpoint folder, listing its files: a folder without it is not a
+# checkpoint (an interrupted save). Workers write it; the engine checks for it.
+COMPLETE_MARKER = "lorafleet-complete.json"
+
 
 def root() -> Path:
     return get_settings().storage_dir.resolve()

@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model: Path) -> Any:
     """The tiny model's tokenizer, loaded as the worker loads it."""
-    from worker.loading import load_tokenizer
+    from modelio.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 

@@ -535,7 +535,7 @@ def test_the_vllm_service_runs_the_flags_the_engine_gives_its_own_servers(
     dtype (the compose one's is the model's own, vLLM's default) and the listening address."""
     from types import SimpleNamespace
 
-    from worker.serving.vllm.servers import ServerManager
+    from engine.vllm.servers import ServerManager
 
     settings = engine_settings(services, monkeypatch)
     servers = ServerManager(settings, "python", ROOT, client=None, cpu=False)  # type: ignore[arg-type]
@@ -801,7 +801,8 @@ def test_dockerignore_excludes_local_state() -> None:
         assert required in entries, f".dockerignore does not exclude {required}"
     assert any("__pycache__" in e for e in entries)
     # The build copies these: they must not be ignored.
-    for kept in ("pyproject.toml", "shared", "api", "worker", "cli", "migrations"):
+    for kept in ("pyproject.toml", "shared", "api", "worker", "engine", "modelio", "cli",
+                 "migrations"):
         assert kept not in entries, f".dockerignore excludes {kept}, which the images need"
 
 
@@ -961,3 +962,17 @@ def test_dashboard_queries_use_the_metrics_and_labels_the_code_exports(path: Pat
     families = {re.sub(r"_(bucket|count|sum|created|total)$", "", n) for n in used}
     missing = {re.sub(r"_(bucket|count|sum|created|total)$", "", n) for n in exported} - families
     assert not missing, f"{path.name} shows nothing of {sorted(missing)}"
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_API, DOCKERFILE_GPU], ids=lambda p: p.name)
+def test_images_copy_every_package_the_project_installs(
+    dockerfile: Path, pyproject: dict[str, Any]
+) -> None:
+    """`pip install .` in the image finds its packages in the copied folders: a package that
+    pyproject.toml includes but the Dockerfile does not copy is missing from the image."""
+    found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [p.rstrip("*") for p in found]
+    copied = {line.split()[1].strip("/") for line in dockerfile.read_text().splitlines()
+              if line.startswith("COPY ")}
+    missing = [p for p in packages if p not in copied]
+    assert not missing, f"{dockerfile.name} does not copy {missing}"

@@ -10,8 +10,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-COMPLETE_MARKER = "lorafleet-complete.json"
+from shared.storage import COMPLETE_MARKER
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
 # What transformers writes for a PEFT model; all must be present for a checkpoint to count.
 REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json",
                   "optimizer.pt", "scheduler.pt")

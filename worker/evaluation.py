@@ -2,7 +2,7 @@
 validation records, scored against the records' responses.
 
 Each record's prompt is rendered in the job's prompt format and tokenized as inference does it
-(``shared.templates.render`` and :class:`~worker.serving.model_text.ModelText`); both models
+(``shared.templates.render`` and :class:`~modelio.model_text.ModelText`); both models
 decode it greedily, at most ``max_new_tokens`` tokens, stopping where a served answer stops
 (the end-of-sequence tokens, the format's end marker). The answers are scored with ROUGE-1/2/L
 F1 (``rouge-score``, stemmed) and exact match against the record's response.
@@ -27,10 +27,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from modelio.model_text import ModelText
 from shared.records import iter_examples
 from shared.schemas import Evaluation, EvaluationScores, TrainingSpec
 from shared.templates import render, stop_sequences
-from worker.serving.model_text import ModelText
 from worker.training.hooks import StopTraining
 from worker.training.model import pick_device
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import delete
 from sqlalchemy.exc import OperationalError
 
+from modelio.loading import ModelLoadError, load_tokenizer
 from shared import lifecycle, storage
 from shared.db import session_scope
 from shared.errors import InvalidDataset
@@ -28,7 +29,6 @@ from shared.settings import get_settings
 from worker import checkpoints
 from worker import metrics as worker_metrics
 from worker.evaluation import record_evaluation
-from worker.loading import ModelLoadError, load_tokenizer
 from worker.preprocess import prepare
 from worker.training import (
     CheckpointInfo,

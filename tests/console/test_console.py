@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 
 from api.console import STATIC_DIR
 from tests.console.conftest import SAVE_GATE_SITE, Console
-from tests.serving.conftest import ServingStack
+from tests.engine.conftest import ServingStack
 from tests.support import (
     create_job,
     dialogsum_records,

@@ -113,8 +113,8 @@ def test_fine_tuning_lowers_the_validation_loss_below_the_base_model_s(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from modelio.loading import load_tokenizer
     from shared.schemas import TrainingSpec
-    from worker.loading import load_tokenizer
 
     valid = tmp_path / "validation.jsonl"
     valid.write_bytes(jsonl_bytes(validation_records))

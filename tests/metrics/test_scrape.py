@@ -19,8 +19,8 @@ pytestmark = pytest.mark.e2e
 
 pytest.importorskip("torch")
 
-from tests.serving import conftest as serving_conftest  # noqa: E402
-from tests.serving.conftest import ServingStack  # noqa: E402
+from tests.engine import conftest as serving_conftest  # noqa: E402
+from tests.engine.conftest import ServingStack  # noqa: E402
 
 serving = serving_conftest.serving  # the live installation of the serving tests
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from shared.lifecycle import Claim
+from shared.storage import COMPLETE_MARKER
 from worker import checkpoints
-from worker.checkpoints import COMPLETE_MARKER, REQUIRED_FILES
+from worker.checkpoints import REQUIRED_FILES
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:

@@ -73,7 +73,7 @@ def test_the_engine_and_its_vllm_servers_keep_connections_longer_than_the_pool(
     """`lorafleet serve` and the vLLM servers it starts keep idle connections for
     SERVER_KEEP_ALIVE_SECONDS, longer than the API's and the engine's pools do."""
     from cli import main as cli_main
-    from worker.serving.vllm.servers import ServerManager
+    from engine.vllm.servers import ServerManager
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))

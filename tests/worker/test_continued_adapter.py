@@ -13,10 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from modelio.loading import ModelLoadError  # noqa: E402
 from shared import storage  # noqa: E402
 from shared.schemas import LoraSpec  # noqa: E402
 from tests.worker.test_packing import spec  # noqa: E402
-from worker.loading import ModelLoadError  # noqa: E402
 from worker.training.model import load_model  # noqa: E402
 
 LORA = LoraSpec(r=4, alpha=8, dropout=0.1)

@@ -185,7 +185,7 @@ def test_4bit_on_a_gpu_worker_without_bitsandbytes_fails_naming_the_setting(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from worker.loading import ModelLoadError
+    from modelio.loading import ModelLoadError
     from worker.training import model
 
     real = importlib.util.find_spec

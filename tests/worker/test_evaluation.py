@@ -16,13 +16,13 @@ pytest.importorskip("rouge_score")
 
 import torch  # noqa: E402
 
+from modelio.model_text import ModelText  # noqa: E402
 from shared.records import DEFAULT_INSTRUCTION  # noqa: E402
 from shared.schemas import Evaluation  # noqa: E402
 from shared.templates import PromptFormat, render_prompt  # noqa: E402
 from tests.support.jobs import dialogsum_records, jsonl_bytes  # noqa: E402
 from tests.worker.test_packing import spec as make_spec  # noqa: E402
 from worker import evaluation  # noqa: E402
-from worker.serving.model_text import ModelText  # noqa: E402
 from worker.training import StopTraining  # noqa: E402
 
 DOLLY = PromptFormat(type="dolly", instruction=DEFAULT_INSTRUCTION)

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from modelio.loading import ModelLoadError  # noqa: E402
 from tests.support.jobs import (  # noqa: E402
     create_job,
     dialogsum_records,
@@ -20,7 +21,6 @@ from tests.support.jobs import (  # noqa: E402
     wait_for_status,
 )
 from tests.worker.test_packing import spec  # noqa: E402
-from worker.loading import ModelLoadError  # noqa: E402
 from worker.preprocess import prepare  # noqa: E402
 from worker.training import trainer  # noqa: E402
 from worker.training.model import fuse_tanh_gelu, load_model  # noqa: E402

@@ -19,12 +19,12 @@ from peft import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from modelio.loading import ModelLoadError
 from shared import storage
 from shared.schemas import TrainingSpec
 from worker.attention import use_packed_attention
 from worker.devices import pin
 from worker.last_layer import run_last_layer_on_loss_positions
-from worker.loading import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ loads the adapter, that it generates the very same tokens.
 The prompt is what inference sends for a completion of :data:`PROBE_INPUT`: the text wrapped
 in the adapter's prompt format (:func:`shared.templates.render_prompt`, the chat format with
 the tokenizer's chat template), tokenized as the engines tokenize it
-(:class:`~worker.serving.model_text.ModelText`). Generation is greedy, at most
+(:class:`~modelio.model_text.ModelText`). Generation is greedy, at most
 :data:`PROBE_MAX_NEW_TOKENS` tokens, and stops where a served reply stops: at the model's
 end-of-sequence tokens and, in the chat format, at the token that closes an assistant turn.
 The stored probe names those stop ids and the token budget, so that an engine can replay it
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from modelio.model_text import ModelText
 from shared.schemas import TrainingSpec
 from shared.templates import render_prompt
-from worker.serving.model_text import ModelText
 from worker.training.model import unfuse_tanh_gelu
 
 log = logging.getLogger(__name__)

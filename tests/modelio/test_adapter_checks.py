@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from worker.adapter_checks import AdapterRejected, check_adapter
+from modelio.adapter_checks import AdapterRejected, check_adapter
 
 torch = pytest.importorskip("torch")
 
@@ -152,9 +152,9 @@ def test_factors_of_different_ranks_are_refused(copy: Path, base_config: Any) ->
 
 def test_the_engine_refuses_a_bad_adapter_before_loading_it(tiny_model: Path,
                                                             copy: Path) -> None:
+    from engine.app import Engine
     from shared.inference import EngineCompletionRequest
     from shared.settings import Settings
-    from worker.serving.app import Engine
 
     (copy / "adapter_model.bin").write_bytes(b"pickle")
     engine = Engine(Settings(engine_device="cpu"))
@@ -175,7 +175,7 @@ def test_a_complete_checkpoint_is_served_without_reading_its_trainer_state(
     """A checkpoint folder (our completion marker, the Trainer's state files beside the
     adapter) passes; the same pickles in a plain adapter folder, or another pickle in the
     checkpoint, do not."""
-    from worker.checkpoints import COMPLETE_MARKER
+    from shared.storage import COMPLETE_MARKER
 
     folder = save_adapter(tiny_model, tmp_path / "checkpoint-4")
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):

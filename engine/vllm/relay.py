@@ -1,8 +1,8 @@
 """A prepared request as vLLM completions, and vLLM's answers in the engine's own shapes.
 
-The gateway renders and tokenizes prompts itself (``worker.serving.prompts``, as the built-in
+The gateway renders and tokenizes prompts itself (``engine.prompts``, as the built-in
 engine does), so vLLM gets token ids on ``/v1/completions``, one request per prompt, whatever
-the client called: its answers are then shaped by :class:`~worker.serving.responses.Shaper`
+the client called: its answers are then shaped by :class:`~engine.responses.Shaper`
 into the very objects and stream chunks the built-in engine produces, ``model`` being the name
 the client asked for.
 
@@ -23,6 +23,9 @@ from typing import Any
 import anyio
 import httpx
 
+from engine import responses
+from engine.errors import GenerationFailed
+from engine.prompts import Prepared
 from shared.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -31,9 +34,6 @@ from shared.errors import (
     ServiceUnavailable,
 )
 from shared.inference import SamplingRequest
-from worker.serving import responses
-from worker.serving.errors import GenerationFailed
-from worker.serving.prompts import Prepared
 
 
 class UnknownModel(LorafleetError):

@@ -11,12 +11,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from engine.decoding import BASE, Row
+from modelio.model_text import ModelText
 from shared.errors import ContextLengthExceeded, InvalidRequest
 from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
 from shared.settings import Settings
 from shared.templates import PromptFormat, render_prompt, stop_sequences
-from worker.serving.decoding import BASE, Row
-from worker.serving.model_text import ModelText
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ its own, so it must listen on a private interface (default 127.0.0.1).
 Two backends speak this protocol alike, so the API cannot tell them apart
 (``LORAFLEET_ENGINE_BACKEND``):
 
-* vLLM (:mod:`worker.serving.vllm`): one vLLM server per base model in use, with continuous
+* vLLM (:mod:`engine.vllm`): one vLLM server per base model in use, with continuous
   batching and runtime adapter loading; chosen by ``auto`` wherever a vLLM environment exists.
 * built-in (:class:`Engine`): peft's mixed-adapter batches in this process, for hosts where
   vLLM does not install. Request path: parse → tokenize and check in a worker thread
-  (:meth:`Engine.submit`) → queue (:class:`~worker.serving.batcher.Batcher`, 429 when full) →
+  (:meth:`Engine.submit`) → queue (:class:`~engine.batcher.Batcher`, 429 when full) →
   the generation thread runs it in a mixed-adapter batch → text comes back as it is generated
   (SSE) or as one response.
 """
@@ -31,18 +31,18 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine import responses
+from engine.adapters import AdapterRef, served_adapter
+from engine.batcher import Batcher, Request
+from engine.builtin import BaseModelHost, pick_device
+from engine.prompts import Prepared, chat_prompt, completion_prompts, make_rows
+from engine.vllm.gateway import VllmEngine
+from engine.vllm.servers import find_vllm_python
+from modelio.adapter_checks import check_adapter
 from shared import http_errors, storage
 from shared.http import unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings, get_settings
-from worker.adapter_checks import check_adapter
-from worker.serving import responses
-from worker.serving.adapters import AdapterRef, served_adapter
-from worker.serving.batcher import Batcher, Request
-from worker.serving.engine import BaseModelHost, pick_device
-from worker.serving.prompts import Prepared, chat_prompt, completion_prompts, make_rows
-from worker.serving.vllm.gateway import VllmEngine
-from worker.serving.vllm.servers import find_vllm_python
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.serving.conftest import ServingStack
+from tests.engine.conftest import ServingStack
 from tests.support import dialogsum_records
 from tests.test_readme import code_blocks, section
 

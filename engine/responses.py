@@ -1,6 +1,6 @@
 """OpenAI's response and stream-chunk shapes, for completions and chat completions.
 
-A request's events (see :class:`worker.serving.batcher.Request`) become either one response
+A request's events (see :class:`engine.batcher.Request`) become either one response
 object, or server-sent events: one chunk per piece of text, a last chunk per choice carrying
 its ``finish_reason``, optionally a usage chunk, then ``data: [DONE]``.
 """
@@ -17,7 +17,7 @@ from shared.errors import LorafleetError
 from shared.ids import new_id
 
 if TYPE_CHECKING:  # the vLLM gateway shapes answers without the generation stack
-    from worker.serving.batcher import Request
+    from engine.batcher import Request
 
 DONE = "data: [DONE]\n\n"
 

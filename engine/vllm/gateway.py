@@ -1,11 +1,11 @@
 """The engine on vLLM: the same protocol as the built-in engine, generation on vLLM servers.
 
 Request path: parse → render and tokenize the prompt in the adapter's format and check it
-(:mod:`worker.serving.prompts`, in a worker thread, with the tokenizer and config only) → the
-base model's vLLM server (started on demand, :mod:`~worker.serving.vllm.servers`) → the adapter
-loaded there and its parity probe checked, once per version (:mod:`~worker.serving.vllm.lora`)
+(:mod:`engine.prompts`, in a worker thread, with the tokenizer and config only) → the
+base model's vLLM server (started on demand, :mod:`~engine.vllm.servers`) → the adapter
+loaded there and its parity probe checked, once per version (:mod:`~engine.vllm.lora`)
 → 429 if the server has ``max_queued_requests`` in flight → vLLM ``/v1/completions`` on token
-ids → its answer in the built-in engine's shapes (:mod:`~worker.serving.vllm.relay`), streams
+ids → its answer in the built-in engine's shapes (:mod:`~engine.vllm.relay`), streams
 relayed chunk by chunk. A client that goes away closes its vLLM request, which aborts it.
 """
 
@@ -24,18 +24,18 @@ import httpx
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine import responses
+from engine.adapters import AdapterRef, served_adapter
+from engine.prompts import Prepared, chat_prompt, completion_prompts, make_rows
+from engine.vllm import relay
+from engine.vllm.lora import Loras, check_rank
+from engine.vllm.servers import ServerManager, VllmServer
+from modelio.adapter_checks import check_adapter
+from modelio.model_text import ModelText
 from shared.errors import ServiceUnavailable
 from shared.http import internal_client, unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings
-from worker.adapter_checks import check_adapter
-from worker.serving import responses
-from worker.serving.adapters import AdapterRef, served_adapter
-from worker.serving.model_text import ModelText
-from worker.serving.prompts import Prepared, chat_prompt, completion_prompts, make_rows
-from worker.serving.vllm import relay
-from worker.serving.vllm.lora import Loras, check_rank
-from worker.serving.vllm.servers import ServerManager, VllmServer
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.serving.conftest import VLLM_PYTHON, vllm_available
+from tests.engine.conftest import VLLM_PYTHON, vllm_available
 
 pytestmark = pytest.mark.skipif(
     not vllm_available() and not os.environ.get("CI"),
@@ -65,7 +65,7 @@ def test_vllm_uses_the_grouped_ops_only_when_asked(env: dict[str, str], wrapper:
 def test_the_plugin_is_found_in_the_vllm_environment_only() -> None:
     import sys
 
-    from worker.serving.vllm.servers import plugin_installed
+    from engine.vllm.servers import plugin_installed
 
     assert plugin_installed(str(VLLM_PYTHON))
     assert not plugin_installed(sys.executable)

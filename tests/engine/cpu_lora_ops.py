@@ -1,4 +1,4 @@
-"""Run with the vLLM environment's Python (``tests/serving/test_vllm_cpu_lora.py`` does):
+"""Run with the vLLM environment's Python (``tests/engine/test_vllm_cpu_lora.py`` does):
 lorafleet's grouped CPU LoRA ops against a token-by-token reference and against vLLM's own
 ops, on the calls vLLM's LoRA layers make. Prints one JSON line of the largest differences.
 """

@@ -12,17 +12,17 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.adapters import adapter_ref
+from engine.decoding import Row
+from engine.errors import AdapterParityFailed
+from engine.prompts import Prepared
+from engine.vllm import relay
+from engine.vllm.lora import Loras, check_rank, read_probe
+from engine.vllm.servers import VllmServer
 from shared.errors import InvalidRequest
 from shared.inference import CompletionRequest
 from shared.settings import Settings
-from tests.serving.conftest import build_adapter, run
-from worker.serving.adapters import adapter_ref
-from worker.serving.decoding import Row
-from worker.serving.errors import AdapterParityFailed
-from worker.serving.prompts import Prepared
-from worker.serving.vllm import relay
-from worker.serving.vllm.lora import Loras, check_rank, read_probe
-from worker.serving.vllm.servers import VllmServer
+from tests.engine.conftest import build_adapter, run
 
 
 class MockVllm:
@@ -54,7 +54,7 @@ def load(mode: str, adapter: Path, tiny_model: Path,
          tokens: Callable[[list[int]], list[int]]) -> tuple[MockVllm, VllmServer, Any]:
     """Load ``adapter`` on a mock server whose probe answer is ``tokens(peft's tokens)``;
     the mock, the server and the outcome (the lora name or the error)."""
-    from worker.serving.model_text import ModelText
+    from modelio.model_text import ModelText
 
     probe = read_probe(adapter)
     assert probe is not None
@@ -110,7 +110,7 @@ def test_an_adapter_without_a_probe_is_served_unchecked(tiny_model: Path,
     assert read_probe(plain) is None
     mock = MockVllm([])
     client = httpx.AsyncClient(transport=httpx.MockTransport(mock))
-    from worker.serving.model_text import ModelText
+    from modelio.model_text import ModelText
 
     server = VllmServer(str(tiny_model), "http://vllm.invalid")
     name = run(Loras(Settings(), client).ensure(server, adapter_ref(plain),

@@ -19,11 +19,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.adapters import AdapterRef
+from engine.builtin import BaseModelHost
+from engine.decoding import Row
+from engine.errors import AdapterLoadFailed, GenerationFailed
 from shared.errors import LorafleetError, Overloaded
-from worker.serving.adapters import AdapterRef
-from worker.serving.decoding import Row
-from worker.serving.engine import BaseModelHost
-from worker.serving.errors import AdapterLoadFailed, GenerationFailed
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pytest
 
 from shared.ids import fine_tuned_model_name
 from shared.templates import PromptFormat, render_prompt
-from tests.serving.conftest import ServingStack
+from tests.engine.conftest import ServingStack
 from tests.support import create_job, dialogsum_records, jsonl_bytes, upload_bytes, wait_for_status
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ A :class:`BaseModelHost` owns one copy of a base model. Adapters are attached to
 with peft (``load_adapter`` / ``delete_adapter``) and a batch mixes them freely: ``generate``
 gets one adapter name per row (``"__base__"`` for the base model), so ``set_adapter``, which
 is global state, is never called. Everything that touches the model runs on the engine's one
-generation thread (see :mod:`worker.serving.batcher`); the tokenizer is also used by the
+generation thread (see :mod:`engine.batcher`); the tokenizer is also used by the
 request threads, for encoding only.
 """
 
@@ -25,10 +25,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from worker.loading import ModelLoadError
-from worker.serving.adapters import AdapterCache, AdapterRef
-from worker.serving.decoding import BASE, DeltaFn, FinishFn, Row, RowSampler, RowStopper
-from worker.serving.model_text import ModelText
+from engine.adapters import AdapterCache, AdapterRef
+from engine.decoding import BASE, DeltaFn, FinishFn, Row, RowSampler, RowStopper
+from modelio.loading import ModelLoadError
+from modelio.model_text import ModelText
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from engine import responses
 from shared.errors import ContextLengthExceeded, InvalidRequest, NotFound, Overloaded
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.templates import PromptFormat, render_prompt
-from tests.serving.conftest import build_adapter, run
-from worker.serving import responses
+from tests.engine.conftest import build_adapter, run
 
 PROMPTS = [
     "#Person1#: Hi, how are you today?",
@@ -337,7 +337,7 @@ def test_chat_uses_the_chat_template_for_base_models(make_engine: Any, tiny_mode
 
 
 def test_engine_keeps_serving_after_a_failed_request(make_engine: Any, tiny_model: Path) -> None:
-    from worker.loading import ModelLoadError
+    from modelio.loading import ModelLoadError
 
     engine = make_engine()
     with pytest.raises(ModelLoadError):

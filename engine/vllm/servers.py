@@ -29,11 +29,11 @@ from typing import Any
 
 import httpx
 
+from engine.adapters import AdapterRef
+from modelio.model_text import ModelText
 from shared.errors import Overloaded, ServiceUnavailable
 from shared.http import SERVER_KEEP_ALIVE_SECONDS
 from shared.settings import VLLM_LORA_RANKS, Settings
-from worker.serving.adapters import AdapterRef
-from worker.serving.model_text import ModelText
 
 log = logging.getLogger(__name__)
 

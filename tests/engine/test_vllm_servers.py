@@ -21,7 +21,7 @@ import pytest
 
 from shared.errors import Overloaded, ServiceUnavailable
 from shared.settings import Settings
-from tests.serving.conftest import run
+from tests.engine.conftest import run
 
 FAKE_VLLM = '''
 import http.server, json, os, sys
@@ -77,7 +77,7 @@ def other_model(tiny_model: Path, tmp_path: Path) -> Path:
 def manager(fake_python: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """``manager(**settings)``: a ServerManager on the fake vLLM; ``run(coro)`` runs its
     coroutines. Servers left running are stopped at the end."""
-    from worker.serving.vllm.servers import ServerManager
+    from engine.vllm.servers import ServerManager
 
     made: list[Any] = []
 
@@ -95,7 +95,7 @@ def manager(fake_python: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
 
 def text_of(path: Path) -> Any:
-    from worker.serving.model_text import ModelText
+    from modelio.model_text import ModelText
 
     return ModelText(str(path), max_context=512)
 
@@ -129,7 +129,7 @@ def test_cpu_servers_compute_lora_with_the_plugin_where_it_is_installed(
         manager: Any, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture, setting: str, installed: bool, cpu: bool,
         ops: str | None) -> None:
-    from worker.serving.vllm import servers as module
+    from engine.vllm import servers as module
 
     asked: list[str | None] = []
     monkeypatch.setattr(module, "plugin_installed",
@@ -152,7 +152,7 @@ def test_cpu_servers_compute_lora_with_the_plugin_where_it_is_installed(
 def test_cpu_servers_run_the_model_at_idle_priority_where_the_plugin_is_installed(
         manager: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         setting: str, installed: bool, cpu: bool, scheduling: str | None) -> None:
-    from worker.serving.vllm import servers as module
+    from engine.vllm import servers as module
 
     asked: list[str | None] = []
     monkeypatch.setattr(module, "plugin_installed",
@@ -425,9 +425,9 @@ def test_an_external_server_is_used_as_it_is(manager: Any, fake_python: str,
 def test_auto_falls_back_to_the_built_in_engine_without_vllm(
     settings_env: Callable[..., Any], tmp_path: Path,
 ) -> None:
-    from worker.serving.app import Engine, build_engine
-    from worker.serving.vllm.gateway import VllmEngine
-    from worker.serving.vllm.servers import find_vllm_python
+    from engine.app import Engine, build_engine
+    from engine.vllm.gateway import VllmEngine
+    from engine.vllm.servers import find_vllm_python
 
     # The test's own Python has no vllm package.
     settings = settings_env(vllm_python=sys.executable)

@@ -75,8 +75,8 @@ def run(coro: Any) -> Any:
 def make_engine() -> Iterator[Callable[..., Any]]:
     """``make_engine(**settings)``: an :class:`Engine` on the CPU with its generation thread
     running (``start=False``: not yet), stopped after the test."""
+    from engine.app import Engine
     from shared.settings import Settings
-    from worker.serving.app import Engine
 
     engines: list[Any] = []
 

@@ -17,9 +17,9 @@ from shared.errors import NotFound
 from shared.ids import now
 from shared.models import Checkpoint, Job
 from shared.templates import PromptFormat, render_prompt
-from tests.serving import test_model_resolution as resolution
-from tests.serving.conftest import ServingStack
-from tests.serving.test_model_resolution import BASE, FORMAT, add_job
+from tests.engine import test_model_resolution as resolution
+from tests.engine.conftest import ServingStack
+from tests.engine.test_model_resolution import BASE, FORMAT, add_job
 from tests.support import create_job, dialogsum_records, jsonl_bytes, upload_bytes, wait_for_status
 
 # Steps 2, 4 and 6 are saved; once the job succeeds, retention keeps the newest two.

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import LorafleetError
-from worker.checkpoints import COMPLETE_MARKER
+from shared.storage import COMPLETE_MARKER
 
 SAFE_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

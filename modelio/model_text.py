@@ -1,7 +1,7 @@
 """A base model's text side: its tokenizer and config, and what prompts need from them.
 
-Both engines render and tokenize prompts with it (``worker.serving.prompts``): the built-in
-engine adds the weights on top (:class:`~worker.serving.engine.BaseModelHost`), the vLLM
+Both engines render and tokenize prompts with it (``engine.prompts``): the built-in
+engine adds the weights on top (:class:`~engine.builtin.BaseModelHost`), the vLLM
 gateway never loads them, vLLM does.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from transformers import AutoConfig, GenerationConfig
 
+from modelio.loading import ModelLoadError, load_tokenizer
 from shared.errors import LorafleetError
-from worker.loading import ModelLoadError, load_tokenizer
 
 DEFAULT_CONTEXT = 2048
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length",

@@ -28,7 +28,7 @@ import pytest
 from shared.ids import fine_tuned_model_name, new_id, now
 from shared.schemas import LoraSpec, TrainingSpec
 from shared.templates import PromptFormat, render_prompt, stop_sequences
-from tests.serving.conftest import ServingStack, build_adapter, vllm_available, vllm_metric
+from tests.engine.conftest import ServingStack, build_adapter, vllm_available, vllm_metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not vllm_available() and not os.environ.get("CI"),

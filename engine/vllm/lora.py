@@ -1,6 +1,6 @@
 """LoRA adapters on a vLLM server: checked, loaded at runtime, and held to their parity probe.
 
-An adapter version (:class:`~worker.serving.adapters.AdapterRef`, whose name changes with its
+An adapter version (:class:`~engine.adapters.AdapterRef`, whose name changes with its
 weights) is loaded once per server with ``POST /v1/load_lora_adapter``, so a new adapter is
 served without a restart, and a folder rewritten with new weights never serves the old ones.
 
@@ -22,12 +22,12 @@ from typing import Any
 
 import httpx
 
+from engine.adapters import AdapterRef
+from engine.errors import AdapterLoadFailed, AdapterParityFailed
+from engine.vllm.servers import VllmServer
+from modelio.model_text import ModelText
 from shared.errors import InvalidRequest, ServiceUnavailable
 from shared.settings import VLLM_LORA_RANKS, Settings
-from worker.serving.adapters import AdapterRef
-from worker.serving.errors import AdapterLoadFailed, AdapterParityFailed
-from worker.serving.model_text import ModelText
-from worker.serving.vllm.servers import VllmServer
 
 log = logging.getLogger(__name__)
 
