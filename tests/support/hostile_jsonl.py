@@ -47,9 +47,21 @@ messages = st.lists(
                            "content": text | json_values}),
     max_size=4,
 ) | json_values
+# A preference pair's columns: an input conversation and one-message outputs.
+preference_columns = {
+    "input": st.fixed_dictionaries(
+        {"messages": messages},
+        optional={"tools": st.lists(st.fixed_dictionaries(
+                      {"type": st.just("function") | text,
+                       "function": st.fixed_dictionaries({"name": text}) | json_values}),
+                      max_size=2) | json_values,
+                  "parallel_tool_calls": st.booleans() | json_values}) | json_values,
+    "preferred_output": messages,
+    "non_preferred_output": messages,
+}
 shaped_records = st.sampled_from(sorted(SHAPES)).flatmap(
     lambda shape: st.fixed_dictionaries(
-        {col: messages if col == "messages" else (text | json_values)
+        {col: messages if col == "messages" else preference_columns.get(col, text | json_values)
          for col in SHAPES[shape][0]},
         optional={col: text | json_values for col in SHAPES[shape][1]},
     )
@@ -64,6 +76,10 @@ good_records = st.one_of(
                           optional={"context": words}),
     st.builds(lambda u, a: {"messages": [{"role": "user", "content": u},
                                          {"role": "assistant", "content": a}]}, words, words),
+    st.builds(lambda u, a, b: {"input": {"messages": [{"role": "user", "content": u}]},
+                               "preferred_output": [{"role": "assistant", "content": a}],
+                               "non_preferred_output": [{"role": "assistant", "content": b}]},
+              words, words, words),
 )
 
 
