@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ def fingerprint(spec: TrainingSpec, tokenizer: Any, file_hashes: list[str]) -> s
     tok = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
     key = {
         "v": PREPROCESS_VERSION,
+        "method": spec.method,  # each method lays its data out its own way
         "files": file_hashes,
         "format": spec.prompt_format.model_dump(mode="json"),
         "column_map": spec.column_map,
@@ -110,6 +112,10 @@ def fingerprint(spec: TrainingSpec, tokenizer: Any, file_hashes: list[str]) -> s
         "eos": tokenizer.eos_token_id,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# Builds one file's data set: (path, spec, tokenizer, param) -> (data set, examples dropped).
+Builder = Callable[[Path, TrainingSpec, Any, str], tuple[Dataset, int]]
 
 
 def _build(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> tuple[Dataset, int]:
@@ -125,8 +131,14 @@ def prepare(
     train_hash: str,
     valid_path: Path | None = None,
     valid_hash: str | None = None,
+    *,
+    build: Builder = _build,
 ) -> Prepared:
     """Tokenized train (and validation) sets, from the cache when an attempt already built them.
+
+    Args:
+        build: how a file becomes a data set; the supervised layout (``input_ids``,
+            ``labels``) unless a method brings its own.
 
     Raises:
         InvalidDataset: a bad record, or no example shorter than ``max_length``.
@@ -140,7 +152,7 @@ def prepare(
         valid = load_from_disk(str(cache / "validation")) if meta["validation"] else None
         return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True)
 
-    train, dropped = _build(train_path, spec, tokenizer, "training_file")
+    train, dropped = build(train_path, spec, tokenizer, "training_file")
     if len(train) == 0:
         raise InvalidDataset(
             f"training_file: all {dropped} examples reach max_length={spec.max_length} tokens "
@@ -149,7 +161,7 @@ def prepare(
         )
     valid = None
     if valid_path is not None:
-        valid, _ = _build(valid_path, spec, tokenizer, "validation_file")
+        valid, _ = build(valid_path, spec, tokenizer, "validation_file")
         if len(valid) == 0:
             raise InvalidDataset(
                 f"validation_file: every example reaches max_length={spec.max_length}",
