@@ -18,7 +18,7 @@ from transformers import set_seed
 
 from shared.schemas import TrainingSpec
 from worker.preprocess import Prepared
-from worker.training import supervised
+from worker.training import dpo, supervised
 from worker.training.adapter_io import save_adapter
 from worker.training.callbacks import JobCallback
 from worker.training.early_stopping import EarlyStopping
@@ -31,7 +31,7 @@ from worker.training.results import StepMetrics, last_evaluation, step_metrics
 log = logging.getLogger(__name__)
 
 # Method name (TrainingSpec.method, OpenAI's method.type) → how it trains.
-METHODS: dict[str, TrainingMethod] = {"supervised": supervised.METHOD}
+METHODS: dict[str, TrainingMethod] = {"supervised": supervised.METHOD, "dpo": dpo.METHOD}
 
 
 @dataclass
