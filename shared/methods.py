@@ -37,7 +37,7 @@ METHODS: dict[str, MethodFacts] = {
     # DPO with LoRA moves the policy away from its reference fast: a lower base rate than
     # supervised training (TRL's own default, 1e-6, is for full fine-tuning).
     "dpo": MethodFacts(
-        base_learning_rate=5e-5, record_format=preference.SHAPE, record_line=preference.LINE,
+        base_learning_rate=1e-4, record_format=preference.SHAPE, record_line=preference.LINE,
         unused_fields=("column_map", "max_tokens_per_batch", "train_on_inputs", "packing"),
         own_fields=("loss_type", "rpo_alpha"), custom_format=False),
 }

@@ -116,7 +116,7 @@ def test_dpo_method_round_trip_through_the_sdk(client: openai.OpenAI, pairs_file
         assert answer.method.supervised is None
         assert answer.model_extra["loss_type"] == "sigmoid"
         assert answer.model_extra["rpo_alpha"] is None
-        assert answer.model_extra["learning_rate"] == pytest.approx(2.5e-5)
+        assert answer.model_extra["learning_rate"] == pytest.approx(5e-5)
         assert answer.hyperparameters.batch_size == 2
 
 
