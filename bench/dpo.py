@@ -61,7 +61,7 @@ class Plan:
     sft_epochs: float
 
 
-FULL = Plan("full", train_pairs=200, held_out=50, max_prompt_tokens=200, max_new_tokens=48,
+FULL = Plan("full", train_pairs=200, held_out=50, max_prompt_tokens=160, max_new_tokens=48,
             dpo_epochs=1, sft_epochs=1)
 QUICK = Plan("quick", train_pairs=8, held_out=4, max_prompt_tokens=160, max_new_tokens=16,
              dpo_epochs=1, sft_epochs=1)
@@ -165,7 +165,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> tuple[Path, str]:
 
 
 # --------------------------------------------------------------------------- the jobs
-def job_spec(model_dir: Path, method: str, epochs: float, **extra: Any) -> Any:
+def job_spec(model_dir: Path, method: str, epochs: float, rpo_alpha: float | None = None,
+             **extra: Any) -> Any:
     """A job's spec as the API builds it for these settings (each method's default rate)."""
     from shared.methods import DEFAULT_BETA, base_learning_rate
     from shared.schemas import DpoSpec, LoraSpec, TrainingSpec
@@ -177,7 +178,8 @@ def job_spec(model_dir: Path, method: str, epochs: float, **extra: Any) -> Any:
         max_length=512, n_epochs=epochs, batch_size=BATCH_SIZE, gradient_accumulation_steps=1,
         learning_rate=base_learning_rate(method), warmup=0, save_steps=10_000,
         logging_steps=10, train_on_inputs=False, packing=method == "supervised",
-        seed=SEED, method=method, dpo=DpoSpec(beta=DEFAULT_BETA) if method == "dpo" else None,
+        seed=SEED, method=method,
+        dpo=DpoSpec(beta=DEFAULT_BETA, rpo_alpha=rpo_alpha) if method == "dpo" else None,
         **extra)
 
 
@@ -187,13 +189,15 @@ def train(spec: Any, files: tuple[Path, str], out: Path, log: Any) -> tuple[Path
     from worker.training import method_for, train_adapter
 
     shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
     tokenizer = load_tokenizer(spec.model)
     data = method_for(spec).prepare(spec, tokenizer, *files)
     result = train_adapter(spec, tokenizer, data, out / "checkpoints", out / "adapter",
                            device="cpu")
     assert result.adapter_dir is not None
     log(f"  {spec.method}: {result.step} steps, {data.examples} examples "
-        f"({data.dropped_too_long} too long), {result.train_seconds:.0f} s")
+        f"({data.dropped_too_long} too long), {result.train_seconds:.0f} s training, "
+        f"{time.perf_counter() - started:.0f} s in all")
     return result.adapter_dir, result.train_seconds
 
 
@@ -226,7 +230,8 @@ def scores(policy: tuple[list[float], list[float]], reference: tuple[list[float]
 
 
 # --------------------------------------------------------------------------- the run
-def run(plan: Plan, work: Path, models_dir: Path, log: Any = print) -> Outcome:
+def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
+        rpo_alpha: float | None = None) -> Outcome:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -266,20 +271,22 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print) -> Outcome:
         f"{len(train_records)} training ones open with words of the dialogue)")
 
     runs = work / "runs"
-    dpo_spec = job_spec(model_dir, "dpo", plan.dpo_epochs)
+    dpo_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha)
     dpo_adapter, outcome.train_seconds["DPO"] = train(dpo_spec, pairs, runs / "dpo", log)
     sft_spec = job_spec(model_dir, "supervised", plan.sft_epochs)
     sft_adapter, outcome.train_seconds["SFT"] = train(sft_spec, sft_file, runs / "sft", log)
     sft_kept = storage.adapter_dir("ftjob-bench-sft")
     shutil.rmtree(sft_kept, ignore_errors=True)
     shutil.copytree(sft_adapter, sft_kept)
-    then_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, initial_model="ft:bench-sft",
+    then_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha,
+                         initial_model="ft:bench-sft",
                          initial_adapter=storage.relative(sft_kept))
     then_adapter, outcome.train_seconds["SFT → DPO"] = train(then_spec, pairs,
                                                              runs / "sft-dpo", log)
     outcome.settings = {
-        "DPO": f"beta {dpo_spec.dpo.beta}, loss {dpo_spec.dpo.loss_type}, lr "
-               f"{dpo_spec.learning_rate:g}",
+        "DPO": f"beta {dpo_spec.dpo.beta}, loss {dpo_spec.dpo.loss_type}"
+               + (f" + RPO term × {rpo_alpha:g}" if rpo_alpha else "")
+               + f", lr {dpo_spec.learning_rate:g}",
         "SFT": f"lr {sft_spec.learning_rate:g}, packed"}
 
     tokenizer = load_tokenizer(str(model_dir))
@@ -361,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI size (a few minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steadier on a shared machine)")
+    parser.add_argument("--rpo-alpha", type=float, default=None,
+                        help="the DPO jobs' rpo_alpha (default: none, plain DPO)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     parser.add_argument("--models-dir", type=Path, default=MODELS)
     parser.add_argument("--work", type=Path, default=OUT)
@@ -377,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DPO benchmark, {plan.name}: {plan.train_pairs} pairs, {plan.held_out} held out\n"
           f"  {where}", flush=True)
     started = time.monotonic()
-    outcome = run(plan, args.work, args.models_dir, log=lambda m: print(m, flush=True))
+    outcome = run(plan, args.work, args.models_dir, log=lambda m: print(m, flush=True),
+                  rpo_alpha=args.rpo_alpha)
     md = markdown(outcome, where, time.monotonic() - started)
     print(md)
     if args.write:
