@@ -114,7 +114,8 @@ function settings(job) {
       ` accumulation, learning rate ${num(job.learning_rate)}`],
     ["Max length", `${job.max_length} tokens`],
     ["Training", [job.packing ? "packed batches" : "padded batches",
-      job.train_on_inputs ? "loss on every token" : "loss on the response only",
+      job.method && job.method.type === "dpo" ? "preference pairs"
+        : job.train_on_inputs ? "loss on every token" : "loss on the response only",
       job.gradient_checkpointing ? "gradient checkpointing" : null,
       job.quantization ? `${job.quantization} base model` : null].filter(Boolean).join(", ")],
     job.early_stopping_patience ? ["Early stopping", `after ${job.early_stopping_patience} ` +
