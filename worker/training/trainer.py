@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from transformers import set_seed
 
 from shared.schemas import TrainingSpec
 from worker.preprocess import Prepared
-from worker.training import dpo, supervised
+from worker.training import supervised
 from worker.training.adapter_io import save_adapter
 from worker.training.callbacks import JobCallback
 from worker.training.early_stopping import EarlyStopping
@@ -30,8 +31,19 @@ from worker.training.results import StepMetrics, last_evaluation, step_metrics
 
 log = logging.getLogger(__name__)
 
+
+
+def _dpo() -> TrainingMethod:
+    # Imported on first use: TRL (and the W&B client it imports) loads only on a worker that
+    # runs a DPO job.
+    from worker.training import dpo
+
+    return dpo.METHOD
+
+
 # Method name (TrainingSpec.method, OpenAI's method.type) → how it trains.
-METHODS: dict[str, TrainingMethod] = {"supervised": supervised.METHOD, "dpo": dpo.METHOD}
+METHODS: dict[str, Callable[[], TrainingMethod]] = {"supervised": lambda: supervised.METHOD,
+                                                    "dpo": _dpo}
 
 
 @dataclass
@@ -55,9 +67,10 @@ class Result:
 def method_for(spec: TrainingSpec) -> TrainingMethod:
     """The training method of the job (its ``method``)."""
     try:
-        return METHODS[spec.method]
+        method = METHODS[spec.method]
     except KeyError:
         raise ValueError(f"no training method '{spec.method}' on this worker") from None
+    return method()
 
 
 def train_adapter(
