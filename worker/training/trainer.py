@@ -32,7 +32,6 @@ from worker.training.results import StepMetrics, last_evaluation, step_metrics
 log = logging.getLogger(__name__)
 
 
-
 def _dpo() -> TrainingMethod:
     # Imported on first use: TRL (and the W&B client it imports) loads only on a worker that
     # runs a DPO job.
