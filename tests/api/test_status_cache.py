@@ -251,7 +251,7 @@ def test_misses_at_the_same_time_share_one_read(
         await until(lambda: bool(calls))
         await asyncio.sleep(0.05)  # time for more reads to start, were they not shared
         release.set()
-        return await asyncio.gather(*waiting)
+        return [answer.body for answer in await asyncio.gather(*waiting)]
 
     assert asyncio.run(many()) == [b"{}"] * 20
     assert calls == ["ftjob-a"]
@@ -281,7 +281,7 @@ def test_a_write_during_a_shared_read_starts_a_new_one(
         cache.forget("ftjob-a")
         late = await cache.answer("ftjob-a", "p")  # must not wait for the read before the write
         release.set()
-        return await early, late
+        return (await early).body, late.body
 
     assert asyncio.run(scenario()) == (b"before", b"after")
 
@@ -308,6 +308,6 @@ def test_an_answer_past_half_its_life_is_read_again_in_the_background(
         assert len(cache._flights) == 1
         release.set()
         await until(lambda: not cache._flights)
-        return [first, second, await cache.answer("ftjob-a", "p")]
+        return [a.body for a in (first, second, await cache.answer("ftjob-a", "p"))]
 
     assert asyncio.run(scenario()) == [b"old", b"old", b"new"]
