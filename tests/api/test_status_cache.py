@@ -311,3 +311,38 @@ def test_an_answer_past_half_its_life_is_read_again_in_the_background(
         return [a.body for a in (first, second, await cache.answer("ftjob-a", "p"))]
 
     assert asyncio.run(scenario()) == [b"old", b"old", b"new"]
+
+
+def test_the_last_answer_outlives_its_ttl_until_a_write(ttl: float) -> None:
+    """What a status route may serve, marked stale, while the database is away."""
+    clock = FakeClock()
+    cache = StatusCache(clock=clock)
+    cache.put("ftjob-a", "p", b"running", clock())
+    clock.advance(2 * ttl)
+
+    expired = cache.get("ftjob-a", "p")
+    kept = cache.last("ftjob-a", 3 * ttl)
+    too_old = cache.last("ftjob-a", ttl)
+    cache.forget("ftjob-a")  # a cancel through this process
+    after_write = cache.last("ftjob-a", 3 * ttl)
+
+    assert expired is None
+    assert kept == (("p", b"running"), 2 * ttl)
+    assert too_old is None
+    assert after_write is None
+
+
+def test_a_read_from_before_a_write_never_becomes_the_last_answer(ttl: float) -> None:
+    clock = FakeClock()
+    cache = StatusCache(clock=clock)
+    began = clock()
+    clock.advance(2 * ttl)  # a read slower than the TTL: still worth keeping as the last
+    cache.put("ftjob-a", "p", b"queued", began)
+    assert cache.last("ftjob-a", 3 * ttl) == (("p", b"queued"), 2 * ttl)
+    began = clock()
+    clock.advance(0.001)
+    cache.forget("ftjob-a")
+
+    cache.put("ftjob-a", "p", b"running", began)
+
+    assert cache.last("ftjob-a", 3 * ttl) is None
