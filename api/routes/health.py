@@ -1,11 +1,13 @@
-"""Liveness and readiness: the database and the broker answer."""
+"""Liveness and readiness: the database and the broker answer; which inference engine serves."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.engine import engine_client
 from shared.db import get_engine
 from shared.queue import get_celery
 
@@ -31,9 +33,12 @@ def _check_broker() -> str:
 
 
 @router.get("/health")
-def health() -> JSONResponse:
-    """200 when the database and the broker are reachable, 503 otherwise."""
-    db, broker = _check_db(), _check_broker()
+async def health(request: Request) -> JSONResponse:
+    """200 when the database and the broker are reachable, 503 otherwise; ``engine`` says
+    whether the inference engine answers, which backend generates (vLLM or the built-in
+    engine) and why (informative: the API runs without an engine too)."""
+    db, broker = await run_in_threadpool(_check_db), await run_in_threadpool(_check_broker)
+    engine = await engine_client(request).health()
     ok = db == "ok" and broker == "ok"
-    return JSONResponse({"status": "ok" if ok else "degraded", "database": db, "broker": broker},
-                        status_code=200 if ok else 503)
+    return JSONResponse({"status": "ok" if ok else "degraded", "database": db, "broker": broker,
+                         "engine": engine}, status_code=200 if ok else 503)

@@ -65,6 +65,7 @@ class VllmEngine:
         # Adapter versions found safe, and their LoRA rank.
         self._adapter_ranks: dict[str, int] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.reason = "vLLM was asked for"  # why this backend serves
         self.answered = 0
         self.rows = 0
         self.rows_cancelled = 0
@@ -235,7 +236,8 @@ class VllmEngine:
             base_models[name] = {"loaded": False, "context_length": text.context_length,
                                  "adapters": 0, "adapter_loads": 0,
                                  **(server.stats() if server else {})}
-        return {"backend": "vllm", "queued": in_flight, "busy": in_flight > 0,
+        return {"backend": "vllm", "backend_reason": self.reason, "queued": in_flight,
+                "busy": in_flight > 0,
                 "requests": self.answered, "rows": self.rows,
                 "rows_cancelled": self.rows_cancelled, "server_starts": self.servers.starts,
                 "rank_restarts": self.servers.rank_restarts,
