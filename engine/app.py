@@ -42,6 +42,7 @@ from modelio.adapter_checks import check_adapter
 from shared import http_errors, storage
 from shared.http import unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
+from shared.request_fields import UnsupportedParameter
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,14 @@ class Engine:
             return host
 
     def prepare(self, body: EngineRequest) -> tuple[BaseModelHost, AdapterRef | None, Prepared]:
-        """Tokenize and check a request (blocking: runs in a worker thread)."""
+        """Tokenize and check a request (blocking: runs in a worker thread).
+
+        Raises:
+            UnsupportedParameter: tools or structured outputs, which need vLLM.
+        """
         target = body.target
+        if isinstance(body, EngineChatRequest):
+            refuse_without_vllm(body, self.reason)
         host = self.host(target.base_model)
         ref = served_adapter(target.adapter_path, self.adapter_root)
         if ref is not None and ref.name not in self._checked:
@@ -141,6 +148,19 @@ class Engine:
                 "base_models": hosts}
 
 
+def refuse_without_vllm(body: EngineChatRequest, why: str) -> None:
+    """The built-in engine generates free text only: tools and structured outputs, which
+    need vLLM's constrained decoding and tool parsing, are refused by name."""
+    fields = [name for name, asked in (
+        ("tools", body.calls_tools),
+        ("response_format", body.response_format is not None
+         and body.response_format.type != "text")) if asked]
+    if fields:
+        raise UnsupportedParameter(
+            f"'{fields[0]}' is not supported by the built-in engine, which serves here "
+            f"because {why}: tools and structured outputs need vLLM", param=fields[0])
+
+
 async def _guarded(events: AsyncIterator[str], on_close: Callable[[], None]) -> AsyncIterator[str]:
     try:
         async for item in events:
@@ -154,8 +174,8 @@ async def run_request(engine: Engine, body: EngineRequest,
     """Submit ``body`` and answer with one response object or an event stream. A client that
     goes away (``http`` disconnects) stops the generation of its request."""
     request = await engine.submit(body)
-    shaper = responses.Shaper(body.target.model, isinstance(body, EngineChatRequest),
-                              len(request.rows))
+    shaper = responses.shaper_for(body.target.model, isinstance(body, EngineChatRequest),
+                                  request.rows, request.host.token_text)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = responses.stream(request, shaper, include_usage)
