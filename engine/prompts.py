@@ -12,7 +12,9 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine import tools
 from engine.decoding import BASE, Row
+from engine.tools import message_dicts
 from modelio.model_text import ModelText
 from shared.errors import ContextLengthExceeded, InvalidRequest
 from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
@@ -87,19 +89,28 @@ def chat_prompt(host: ModelText, target: Target, req: ChatCompletionRequest) -> 
     """The conversation as one prompt.
 
     Formats made for one instruction and one input (dolly, phi2-qa, custom) take the last user
-    message as the input; the chat format and base models use the tokenizer's chat template.
+    message as the input; the chat format and base models use the tokenizer's chat template,
+    which also shows the tools (:mod:`engine.tools`).
+
+    Raises:
+        InvalidRequest: no user message for a one-turn format, tools for one.
     """
     try:
-        messages = [{"role": m.role, "content": m.text} for m in req.messages]
+        messages = message_dicts(req.messages)
     except ValueError as e:
         raise InvalidRequest(str(e), param="messages") from e
     fmt = _format(target, req)
     user_stops = list(req.stop or [])
     users = [m["content"] for m in messages if m["role"] == "user"]
     if fmt is not None and (fmt.type != "chat" or (fmt.instruction and len(messages) == 1)):
+        if req.calls_tools:
+            raise InvalidRequest(f"'tools' needs a chat model: this one was trained with the "
+                                 f"one-turn {fmt.type} prompt format", param="tools")
         if not users:
             raise InvalidRequest("messages: no message with role 'user'", param="messages")
         text = render_prompt(fmt, users[-1], host.render_chat)
+    elif req.calls_tools:
+        text = tools.render(host, req)
     else:
         text = host.render_chat(messages, True)
     stops = user_stops + (stop_sequences(fmt) if fmt is not None else [])

@@ -190,3 +190,25 @@ async def stream(request: Request, shaper: Shaper, include_usage: bool) -> Async
                 yield sse(shaper.usage_chunk(request.prompt_tokens, completion))
             break
     yield DONE
+
+
+async def replay(response: dict[str, Any], shaper: Shaper,
+                 include_usage: bool) -> AsyncIterator[str]:
+    """A whole chat completion as the chunks of a stream: per choice its role, its content
+    (with its logprobs), its tool calls as the SDK's tool-call deltas (each call whole, with
+    its index), and its ``finish_reason``."""
+    for choice in response["choices"]:
+        i, message = choice["index"], choice["message"]
+        yield sse(shaper.chunk(i, None, role=True))
+        if message.get("content"):
+            body = shaper.chunk(i, message["content"])
+            body["choices"][0]["logprobs"] = choice.get("logprobs")
+            yield sse(body)
+        calls = [{"index": j, **call} for j, call in enumerate(message.get("tool_calls") or [])]
+        if calls:
+            yield sse(shaper.chunk(i, None, tool_calls=calls))
+        yield sse(shaper.chunk(i, None, reason=choice["finish_reason"]))
+    if include_usage:
+        usage = response["usage"]
+        yield sse(shaper.usage_chunk(usage["prompt_tokens"], usage["completion_tokens"]))
+    yield DONE

@@ -437,6 +437,10 @@ class ServerManager:
             # every request sets its own, as the built-in engine does.
             "--generation-config", "vllm",
             "--disable-uvicorn-access-log",
+            # JSON constrained without free whitespace: a small model otherwise spends its
+            # tokens on whitespace and never closes the object.
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}',
             # On a GPU vLLM captures CUDA graphs, which decoding needs to be fast. On the CPU
             # there are none, and with LoRA vLLM compiles nothing there either: eager mode
             # only says so, and skips the start-up work.
