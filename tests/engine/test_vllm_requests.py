@@ -213,3 +213,86 @@ def test_refused_fields_are_named(client: openai.OpenAI, summarizer: tuple[str, 
     with pytest.raises(openai.BadRequestError) as unknown:
         client.completions.create(model=name, prompt="x", extra_body={"top_k": 3})
     assert unknown.value.body["code"] == "unknown_parameter"
+
+
+# --------------------------------------------------------------------------- lm-eval
+def _lm_eval_tasks(folder: Path) -> Path:
+    """A multiple-choice task (which summary belongs to the dialogue) and a generate_until task
+    (summarize), from the bundled DialogSum sample."""
+    from shared.samples import SAMPLE_PATH
+
+    records = [json.loads(line) for line in SAMPLE_PATH.read_text().splitlines()][:8]
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "mc.jsonl").open("w") as out:
+        for i, r in enumerate(records):
+            choices = [records[(i + j) % len(records)]["summary"] for j in range(3)]
+            out.write(json.dumps({"context": f"Dialogue:\n{r['dialogue']}\nSummary:",
+                                  "choices": choices, "gold": 0}) + "\n")
+    with (folder / "gen.jsonl").open("w") as out:
+        for r in records[:4]:
+            out.write(json.dumps({"dialogue": r["dialogue"], "summary": r["summary"]}) + "\n")
+    (folder / "mc.yaml").write_text(
+        "task: lorafleet_dialogsum_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    (folder / "gen.yaml").write_text(
+        "task: lorafleet_dialogsum_gen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{dialogue}}'\n"
+        "doc_to_target: '{{summary}}'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: bleu\n")
+    return folder
+
+
+def _lm_eval(args: list[str], out: Path, env: dict[str, str]) -> dict[str, list[Any]]:
+    """Run lm-eval's command line; each task's per-document responses."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "lm_eval", *args, "--output_path", str(out),
+                          "--log_samples"], env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    responses: dict[str, list[Any]] = {}
+    for samples in out.rglob("samples_*.jsonl"):
+        task = samples.name.removeprefix("samples_").rsplit("_", 1)[0]
+        docs = sorted((json.loads(line) for line in samples.read_text().splitlines()),
+                      key=lambda d: d["doc_id"])
+        responses[task] = [d["resps"] for d in docs]
+    return responses
+
+
+@pytest.mark.parametrize("tokenized", [True, False])
+def test_lm_eval_scores_through_the_api_as_its_hf_backend(
+        serving: ServingStack, summarizer: tuple[str, Path], tiny_model: Path,
+        tmp_path: Path, tokenized: bool) -> None:
+    """lm-evaluation-harness's local-completions against a fine-tuned model: the same
+    per-choice loglikelihoods (so the same accuracy) as its own hf backend with the adapter;
+    its generate_until task runs through the API too."""
+    pytest.importorskip("lm_eval")
+    from tests.support.processes import service_env
+
+    name, adapter = summarizer
+    tasks = _lm_eval_tasks(tmp_path / "tasks")
+    env = service_env({"OPENAI_API_KEY": serving.stack.key, "HF_DATASETS_OFFLINE": "1",
+                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    common = ["--include_path", str(tasks), "--seed", "0"]
+    api = _lm_eval(["--model", "local-completions", "--model_args",
+                    f"model={name},base_url={serving.stack.base_url}/v1/completions,"
+                    f"tokenizer={tiny_model},tokenized_requests={tokenized},max_retries=1",
+                    "--tasks", "lorafleet_dialogsum_mc,lorafleet_dialogsum_gen", *common],
+                   tmp_path / "api", env)
+    hf = _lm_eval(["--model", "hf", "--model_args",
+                   f"pretrained={tiny_model},peft={adapter},dtype=float32", "--device", "cpu",
+                   "--tasks", "lorafleet_dialogsum_mc", *common], tmp_path / "hf", env)
+    served = [[float(c[0][0]) for c in doc] for doc in api["lorafleet_dialogsum_mc"]]
+    local = [[float(c[0][0]) for c in doc] for doc in hf["lorafleet_dialogsum_mc"]]
+    assert len(served) == len(local) == 8
+    for a, b in zip(served, local, strict=True):
+        assert all(abs(x - y) < 1e-3 for x, y in zip(a, b, strict=True)), (a, b)
+        assert max(range(3), key=a.__getitem__) == max(range(3), key=b.__getitem__)
+    generated = api["lorafleet_dialogsum_gen"]
+    assert len(generated) == 4 and all(isinstance(d[0][0], str) for d in generated)
