@@ -267,7 +267,8 @@ class Settings(BaseSettings):
     vllm_python: str = Field(
         "",
         description="The Python of an environment with vLLM installed (`make venv-vllm`). "
-        "Empty: .venv-vllm/bin/python under the current folder, if it exists.",
+        "Empty: .venv-vllm/bin/python in the installed project's folder (or beside "
+        "lorafleet's own environment), whatever the current folder.",
     )
     vllm_servers: dict[str, str] = Field(
         {},  # pydantic copies it for each instance

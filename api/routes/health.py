@@ -1,10 +1,11 @@
 """Readiness: whether the parts the API depends on answer (the database, the broker, the
-storage).
+storage), and which inference engine serves.
 
-``GET /health`` answers 200 when all three do, and 503 with ``Retry-After`` when one does not,
-naming each part's state: ``{"status": "degraded", "database": "ok", "broker": "error: …",
-"storage": "ok"}``. The API itself answers either way, and so do its routes that need no
-missing part; a load balancer should read the 503 as "not ready", not "restart me".
+``GET /health`` answers 200 when all three parts do, and 503 with ``Retry-After`` when one
+does not, naming each part's state: ``{"status": "degraded", "database": "ok", "broker":
+"error: …", "storage": "ok", "engine": {…}}``. The API itself answers either way, and so do
+its routes that need no missing part; a load balancer should read the 503 as "not ready", not
+"restart me". ``engine`` is informative: the API runs without an engine too.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import logging
 import os
 from collections.abc import Callable
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from api.engine import engine_client
 from shared import storage
 from shared.db import get_engine
 from shared.dependencies import describe
@@ -63,12 +65,15 @@ async def _state(part: str, check: Callable[[], None]) -> str:
 
 
 @router.get("/health")
-async def health() -> JSONResponse:
+async def health(request: Request) -> JSONResponse:
     """200 when the database, the broker and the storage answer; 503 naming the part that
-    does not."""
-    states = await asyncio.gather(*(_state(part, check) for part, check in CHECKS.items()))
+    does not. ``engine`` says whether the inference engine answers, which backend generates
+    (vLLM or the built-in engine) and why."""
+    *states, engine = await asyncio.gather(
+        *(_state(part, check) for part, check in CHECKS.items()),
+        engine_client(request).health())
     parts = dict(zip(CHECKS, states, strict=True))
     ok = all(state == "ok" for state in states)
-    return JSONResponse({"status": "ok" if ok else "degraded", **parts},
+    return JSONResponse({"status": "ok" if ok else "degraded", **parts, "engine": engine},
                         status_code=200 if ok else 503,
                         headers=None if ok else {"Retry-After": RETRY_AFTER_S})
