@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -183,11 +184,21 @@ def job_spec(model_dir: Path, method: str, epochs: float, rpo_alpha: float | Non
         **extra)
 
 
-def train(spec: Any, files: tuple[Path, str], out: Path, log: Any) -> tuple[Path, float]:
-    """One job's training, as the worker runs it; the adapter folder and the loop's seconds."""
+STAGES = ("dpo", "sft", "sft-dpo", "score")
+
+
+def train(spec: Any, files: tuple[Path, str], out: Path, log: Any,
+          run_it: bool = True) -> tuple[Path, float]:
+    """One job's training, as the worker runs it; the adapter folder and the loop's seconds.
+    ``run_it`` false: the adapter an earlier run of this stage left in ``out``."""
     from modelio.loading import load_tokenizer
     from worker.training import method_for, train_adapter
 
+    if not run_it:
+        done = out / "seconds.json"
+        seconds = json.loads(done.read_text())["train_seconds"] if done.is_file() else math.nan
+        log(f"  {out.name}: the adapter of an earlier run ({out / 'adapter'})")
+        return out / "adapter", float(seconds)
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     tokenizer = load_tokenizer(spec.model)
@@ -198,6 +209,7 @@ def train(spec: Any, files: tuple[Path, str], out: Path, log: Any) -> tuple[Path
     log(f"  {spec.method}: {result.step} steps, {data.examples} examples "
         f"({data.dropped_too_long} too long), {result.train_seconds:.0f} s training, "
         f"{time.perf_counter() - started:.0f} s in all")
+    (out / "seconds.json").write_text(json.dumps({"train_seconds": result.train_seconds}))
     return result.adapter_dir, result.train_seconds
 
 
@@ -231,7 +243,9 @@ def scores(policy: tuple[list[float], list[float]], reference: tuple[list[float]
 
 # --------------------------------------------------------------------------- the run
 def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
-        rpo_alpha: float | None = None) -> Outcome:
+        rpo_alpha: float | None = None, stages: tuple[str, ...] = STAGES) -> Outcome:
+    """The benchmark's ``stages`` (a stage left out reuses what an earlier run of it left in
+    ``work``: processes may train the stages side by side); no scores without ``score``."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -272,22 +286,27 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
 
     runs = work / "runs"
     dpo_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha)
-    dpo_adapter, outcome.train_seconds["DPO"] = train(dpo_spec, pairs, runs / "dpo", log)
+    dpo_adapter, outcome.train_seconds["DPO"] = train(dpo_spec, pairs, runs / "dpo", log,
+                                                      "dpo" in stages)
     sft_spec = job_spec(model_dir, "supervised", plan.sft_epochs)
-    sft_adapter, outcome.train_seconds["SFT"] = train(sft_spec, sft_file, runs / "sft", log)
+    sft_adapter, outcome.train_seconds["SFT"] = train(sft_spec, sft_file, runs / "sft", log,
+                                                      "sft" in stages)
     sft_kept = storage.adapter_dir("ftjob-bench-sft")
-    shutil.rmtree(sft_kept, ignore_errors=True)
-    shutil.copytree(sft_adapter, sft_kept)
+    if "sft-dpo" in stages:
+        shutil.rmtree(sft_kept, ignore_errors=True)
+        shutil.copytree(sft_adapter, sft_kept)
     then_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha,
                          initial_model="ft:bench-sft",
                          initial_adapter=storage.relative(sft_kept))
-    then_adapter, outcome.train_seconds["SFT → DPO"] = train(then_spec, pairs,
-                                                             runs / "sft-dpo", log)
+    then_adapter, outcome.train_seconds["SFT → DPO"] = train(
+        then_spec, pairs, runs / "sft-dpo", log, "sft-dpo" in stages)
     outcome.settings = {
         "DPO": f"beta {dpo_spec.dpo.beta}, loss {dpo_spec.dpo.loss_type}"
                + (f" + RPO term × {rpo_alpha:g}" if rpo_alpha else "")
                + f", lr {dpo_spec.learning_rate:g}",
         "SFT": f"lr {sft_spec.learning_rate:g}, packed"}
+    if "score" not in stages:
+        return outcome
 
     tokenizer = load_tokenizer(str(model_dir))
     rows = method_for(dpo_spec).prepare(dpo_spec, tokenizer, *held).train
@@ -370,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--rpo-alpha", type=float, default=None,
                         help="the DPO jobs' rpo_alpha (default: none, plain DPO)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated stages to run (default: all); a stage left out "
+                        "takes the adapter an earlier run of it left in --work")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     parser.add_argument("--models-dir", type=Path, default=MODELS)
     parser.add_argument("--work", type=Path, default=OUT)
@@ -386,8 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DPO benchmark, {plan.name}: {plan.train_pairs} pairs, {plan.held_out} held out\n"
           f"  {where}", flush=True)
     started = time.monotonic()
+    stages = tuple(args.stages.split(","))
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     outcome = run(plan, args.work, args.models_dir, log=lambda m: print(m, flush=True),
-                  rpo_alpha=args.rpo_alpha)
+                  rpo_alpha=args.rpo_alpha, stages=stages)
+    if "score" not in stages:
+        print(f"trained {', '.join(stages)} in {time.monotonic() - started:.0f} s")
+        return 0
     md = markdown(outcome, where, time.monotonic() - started)
     print(md)
     if args.write:
