@@ -51,8 +51,10 @@ DRONE_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def drone_record(request: str, function: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """One line of the cookbook's function-calling file."""
+def drone_record(request: str, function: str, arguments: dict[str, Any],
+                 tools: list[dict[str, Any]] = DRONE_TOOLS) -> dict[str, Any]:
+    """One line of the cookbook's function-calling file (``tools``: all its tools, or
+    fewer for a short context)."""
     call = {"id": "call_id", "type": "function",
             "function": {"name": function, "arguments": json.dumps(arguments)}}
     return {
@@ -62,12 +64,15 @@ def drone_record(request: str, function: str, arguments: dict[str, Any]) -> dict
             {"role": "assistant", "tool_calls": [call]},
         ],
         "parallel_tool_calls": False,
-        "tools": DRONE_TOOLS,
+        "tools": tools,
     }
 
 
-def drone_records(n: int) -> list[dict[str, Any]]:
-    return [drone_record(*DRONE_REQUESTS[i % len(DRONE_REQUESTS)]) for i in range(n)]
+def drone_records(n: int, tools: list[dict[str, Any]] = DRONE_TOOLS) -> list[dict[str, Any]]:
+    """``n`` lines of the cookbook's file, calling only ``tools``."""
+    names = {t["function"]["name"] for t in tools}
+    requests = [r for r in DRONE_REQUESTS if r[1] in names]
+    return [drone_record(*requests[i % len(requests)], tools=tools) for i in range(n)]
 
 
 WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
