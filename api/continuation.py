@@ -58,7 +58,7 @@ def continue_from(session: Session, req: JobCreate, project: str) -> Start:
                        "it: its adapter's files are gone.", param="model",
                        code="model_not_found")
     source = TrainingSpec.model_validate(adapter.job.spec)
-    fmt = (PromptFormat.parse(req.prompt_format) if "prompt_format" in req.model_fields_set
+    fmt = (PromptFormat.parse(req.prompt_format) if req.prompt_format is not None
            else source.prompt_format)
     return Start(base_model=adapter.job.model, lora=_lora(req, adapter, source.lora),
                  prompt_format=fmt, initial_model=req.model,

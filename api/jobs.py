@@ -144,6 +144,15 @@ def _check_limits(req: JobCreate) -> None:
         raise ValidationFailed("; ".join(m for _, m in problems), param=problems[0][0])
 
 
+def _prompt_format(req: JobCreate, train: File) -> PromptFormat:
+    """The request's prompt format. Unset, a chat file trains with the base model's chat
+    template (OpenAI's users send no format: every assistant message, tool calls included, is
+    learned as they expect); other files with ``dolly``."""
+    if req.prompt_format is None and train.record_format == "chat":
+        return PromptFormat(type="chat")
+    return PromptFormat.parse(req.prompt_format)
+
+
 def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     """Check a request against the operator's limits; the worker's input. The files' records
     are checked later (``validating_files``), so this never reads them."""
@@ -155,7 +164,7 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     train = _input_file(session, req.training_file, project, "training_file")
     valid = (_input_file(session, req.validation_file, project, "validation_file")
              if req.validation_file else None)
-    fmt = start.prompt_format if start else PromptFormat.parse(req.prompt_format)
+    fmt = start.prompt_format if start else _prompt_format(req, train)
     hp = req.openai_hyperparameters()
     batch_size = req.batch_size or (hp.batch_size if isinstance(hp.batch_size, int) else None)
     n_epochs = req.n_epochs or (hp.n_epochs if isinstance(hp.n_epochs, int) else None) or 1

@@ -95,7 +95,11 @@ class JobCreate(Strict):
 
     # --- extensions -----------------------------------------------------------------
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    prompt_format: PromptFormat | Literal["dolly", "phi2-qa", "chat"] = "dolly"
+    prompt_format: PromptFormat | Literal["dolly", "phi2-qa", "chat"] | None = Field(
+        None,
+        description="How records become text. Unset: 'chat' for a chat file (the base model's "
+        "chat template), else 'dolly'.",
+    )
     max_length: int = Field(512, ge=16)
     max_steps: int | None = Field(None, ge=1)
     n_epochs: float | None = Field(None, gt=0)

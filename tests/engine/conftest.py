@@ -21,6 +21,7 @@ import pytest
 # (the bench never imports from tests/).
 from bench.serving_fixtures import build_adapter as build_adapter
 from bench.serving_latency import stop_engine
+from tests.support.backends import EMBEDDED
 from tests.support.stack import CLI, LIVE_STACKS, REPO_ROOT, Stack, StackError, free_port
 
 torch = pytest.importorskip("torch")
@@ -184,7 +185,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     """API + one worker + engine, as real processes; the engine on vLLM when it is there (or
     as ``LORAFLEET_TEST_ENGINE_BACKEND`` says), its server for the tiny model started. A test
     module may set ``SERVING_SETTINGS = {...}`` (Settings fields, ``engine_backend``
-    included) and ``SERVING_WORKERS`` (default 1)."""
+    included), ``SERVING_WORKERS`` (default 1) and ``SERVING_BACKEND`` (default embedded)."""
     module_settings = getattr(request.module, "SERVING_SETTINGS", {})
     backend = (module_settings.get("engine_backend")
                or os.environ.get("LORAFLEET_TEST_ENGINE_BACKEND")
@@ -198,6 +199,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     # engine and the test process share the machine's cores.
     stack = Stack(tmp_path_factory.mktemp("serving"), settings=settings,
                   env={"OMP_NUM_THREADS": "1"},
+                  backend=getattr(request.module, "SERVING_BACKEND", EMBEDDED),
                   workers=getattr(request.module, "SERVING_WORKERS", 1))
     port = free_port()
     while port == stack.port:  # both were free a moment ago; they must differ

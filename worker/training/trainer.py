@@ -311,6 +311,8 @@ def train_adapter(
     # Before the fence: the check of the lease stays right before the adapter is replaced.
     probe = parity_probe(model, tokenizer, spec)
     fence()  # the adapter folder is shared: only the lease holder may replace it
+    if data.tool_format is not None:  # inference renders tools as training did
+        extra["tool_format"] = data.tool_format
     result.adapter_dir = save_adapter(model, spec, adapter_dest, {
         **(adapter_meta or {}), "steps": step, "trained_tokens": tokens, **extra,
         **({"parity_probe": probe} if probe is not None else {})})
