@@ -18,7 +18,7 @@ from shared.chat import check_chat  # noqa: E402
 from shared.errors import LorafleetError  # noqa: E402
 from shared.hermes import parse_tool_calls  # noqa: E402
 from shared.records import to_example  # noqa: E402
-from shared.templates import PromptFormat, render  # noqa: E402
+from shared.templates import PromptFormat, render, render_reply  # noqa: E402
 from tests.support.openai_chats import MULTI_TURN, QWEN25_TEMPLATE, drone_record  # noqa: E402
 
 # Llama 3.1's way to refuse what it cannot render.
@@ -125,3 +125,14 @@ def test_model_text_names_the_messages_it_cannot_render(tiny_model: Path,
 
     assert exc.value.param == "messages"
     assert "tool messages are not supported" in exc.value.message
+
+
+def test_one_reply_renders_as_its_turn_in_the_chat(tiny_tokenizer: Any) -> None:
+    chat = check_chat(MULTI_TURN)
+    renderer = chat_renderer(tiny_tokenizer, "hermes")
+
+    turn = render_reply(renderer, chat.messages[:2], chat.messages[2], chat.tools)
+
+    pieces = render(PromptFormat(type="chat"), to_example(MULTI_TURN), renderer).segments()
+    assert (turn.prompt, turn.response) == (pieces[0][0], pieces[1][0])
+    assert turn.response.startswith("<tool_call>\n")
