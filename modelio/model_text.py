@@ -60,6 +60,7 @@ class ModelText:
         self.eos_ids = self._eos_ids()
         self._chat_end: dict[str, frozenset[int]] = {}
         self._probed: dict[str, str] = {}
+        self._token_texts: dict[int, str] = {}
         self._lock = threading.RLock()  # the chat-end probe renders a chat, which probes tools
 
     def _eos_ids(self) -> frozenset[int]:
@@ -78,6 +79,13 @@ class ModelText:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (as logprobs show it)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                     tools: list[dict[str, Any]] | None = None,

@@ -78,3 +78,32 @@ class ServiceUnavailable(LorafleetError):
     status = 503
     type = "server_error"
     code = "engine_unavailable"
+
+
+class DependencyUnavailable(ServiceUnavailable):
+    """A part the service depends on does not answer (the database, the broker, the object
+    store): the request may succeed if retried after ``retry_after`` s; nothing was written."""
+
+    code = "service_unavailable"
+    dependency = "dependency"
+
+    def __init__(self, message: str, *, retry_after: int = 5, param: str | None = None):
+        super().__init__(message, param=param)
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
+class DatabaseUnavailable(DependencyUnavailable):
+    code = "database_unavailable"
+    dependency = "database"
+
+
+class BrokerUnavailable(DependencyUnavailable):
+    code = "broker_unavailable"
+    dependency = "broker"
+
+
+class StorageUnavailable(DependencyUnavailable):
+    """The storage backend (the object store, or the shared folder) cannot be reached."""
+
+    code = "storage_unavailable"
+    dependency = "storage"
