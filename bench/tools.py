@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size: a few minutes")
     parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine more threads wait "
+                        "for each other; 0: torch's default)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     parser.add_argument("--models-dir", type=Path, default=MODELS)
     parser.add_argument("--work", type=Path, default=OUT)

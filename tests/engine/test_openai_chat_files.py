@@ -2,8 +2,9 @@
 real API, Celery worker and inference engine on Redis and PostgreSQL: a function-calling file,
 a multi-turn chat answering a call with a tool message, a multi-turn chat with ``weight: 0``.
 Each is accepted as ``record_format: "chat"``, trains without a ``prompt_format`` (the chat
-template), and gives an adapter that loads with ``PeftModel.from_pretrained`` and is served;
-each bad input is answered 400 naming the line and the field."""
+template; tools rendered by a template that renders them, else in the Hermes format), and gives
+an adapter that loads with ``PeftModel.from_pretrained`` and is served; each bad input is
+answered 400 naming the line and the field."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ import pytest
 
 from tests.engine.conftest import ServingStack
 from tests.support import REDIS_POSTGRES, jsonl_bytes, upload_bytes, wait_for_status
-from tests.support.openai_chats import DRONE_TOOLS, MULTI_TURN, drone_records
+from tests.support.openai_chats import (
+    DRONE_TOOLS,
+    MULTI_TURN,
+    PLAIN_CHATML,
+    drone_records,
+    with_chat_template,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.postgres]
 torch = pytest.importorskip("torch")
@@ -48,6 +55,16 @@ FILES = {
     "tool messages": [MULTI_TURN] * 8,
     "weight 0": [multi_turn_with_weights()] * 8,
 }
+# (file, base model): the tiny model's template renders tools itself; its plain-ChatML copy
+# does not, so its chats are rendered in the Hermes format.
+RUNS = {
+    "function calling": ("function calling", "tiny"),
+    "function calling, Hermes format": ("function calling", "plain"),
+    "tool messages": ("tool messages", "tiny"),
+    "tool messages, Hermes format": ("tool messages", "plain"),
+    "weight 0": ("weight 0", "tiny"),
+}
+TOOL_FORMATS = {"tiny": "template", "plain": "hermes"}
 
 
 @pytest.fixture(scope="module")
@@ -56,33 +73,44 @@ def client(serving: ServingStack) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def trained(client: openai.OpenAI, tiny_model: Path) -> dict[str, Any]:
-    """One job per file, all queued at once: {name: (file, finished job)}."""
+def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The base models, under the operator's models folder (pytest's base folder)."""
+    plain = with_chat_template(tiny_model, tmp_path_factory.mktemp("plain-chatml") / "model",
+                               PLAIN_CHATML)
+    return {"tiny": tiny_model, "plain": plain}
+
+
+@pytest.fixture(scope="module")
+def trained(client: openai.OpenAI, models: dict[str, Path]) -> dict[str, Any]:
+    """One job per run, all queued at once: {run: (file, finished job)}."""
+    uploads = {name: upload_bytes(client, jsonl_bytes(records), f"{name}.jsonl")
+               for name, records in FILES.items()}
     started = {}
-    for name, records in FILES.items():
-        upload = upload_bytes(client, jsonl_bytes(records), f"{name}.jsonl")
-        job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
-                                             seed=7, extra_body=TRAINING)
-        started[name] = (upload, job)
-    return {name: (upload, wait_for_status(client, job.id, "succeeded", timeout=600))
-            for name, (upload, job) in started.items()}
+    for run, (name, model) in RUNS.items():
+        job = client.fine_tuning.jobs.create(model=str(models[model]),
+                                             training_file=uploads[name].id, seed=7,
+                                             extra_body=TRAINING)
+        started[run] = (uploads[name], job)
+    return {run: (upload, wait_for_status(client, job.id, "succeeded", timeout=900))
+            for run, (upload, job) in started.items()}
 
 
-@pytest.mark.parametrize("name", list(FILES))
+@pytest.mark.parametrize("run", list(RUNS))
 def test_an_openai_chat_file_trains_and_is_served(client: openai.OpenAI, trained: dict[str, Any],
-                                                  tiny_model: Path, name: str) -> None:
+                                                  models: dict[str, Path], run: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    upload, job = trained[name]
+    upload, job = trained[run]
+    model = RUNS[run][1]
     assert (upload.model_extra["record_format"], upload.model_extra["line_count"]) == ("chat", 8)
     assert job.model_extra["prompt_format"]["type"] == "chat"  # none was sent
     assert job.model_extra["dataset"]["examples"] == 8
     meta = json.loads(Path(job.model_extra["adapter_path"], "lorafleet.json").read_text())
-    assert meta["tool_format"] == "hermes"  # the tiny model's ChatML template has no tools
+    assert meta["tool_format"] == TOOL_FORMATS[model]  # as the probe found the template
     assert meta["prompt_format"]["type"] == "chat"
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(models[model])
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         before = base(ids).logits

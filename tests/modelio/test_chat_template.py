@@ -19,7 +19,13 @@ from shared.errors import LorafleetError  # noqa: E402
 from shared.hermes import parse_tool_calls  # noqa: E402
 from shared.records import to_example  # noqa: E402
 from shared.templates import PromptFormat, render, render_reply  # noqa: E402
-from tests.support.openai_chats import MULTI_TURN, QWEN25_TEMPLATE, drone_record  # noqa: E402
+from tests.support.openai_chats import (  # noqa: E402
+    MULTI_TURN,
+    PLAIN_CHATML,
+    QWEN25_TEMPLATE,
+    drone_record,
+    with_chat_template,
+)
 
 # Llama 3.1's way to refuse what it cannot render.
 REFUSING = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
@@ -29,13 +35,16 @@ REFUSING = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
 
 @pytest.fixture(scope="module")
 def qwen_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's folder with Qwen2.5's chat template."""
-    folder = tmp_path_factory.mktemp("qwen-template") / "model"
-    tokenizer = load_tokenizer(str(tiny_model))
-    tokenizer.chat_template = QWEN25_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    (folder / "config.json").write_text((tiny_model / "config.json").read_text())
-    return folder
+    """The tiny model's folder with Qwen2.5's chat template, which renders tools."""
+    return with_chat_template(tiny_model, tmp_path_factory.mktemp("qwen") / "model",
+                              QWEN25_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's folder with a ChatML template that renders no tools."""
+    return with_chat_template(tiny_model, tmp_path_factory.mktemp("plain") / "model",
+                              PLAIN_CHATML)
 
 
 def with_template(tiny_model: Path, template: str | None) -> Any:
@@ -45,9 +54,10 @@ def with_template(tiny_model: Path, template: str | None) -> Any:
 
 
 def test_the_probe_reads_what_the_template_renders(tiny_model: Path, tiny_tokenizer: Any,
-                                                   qwen_model: Path) -> None:
-    assert probe_tool_format(tiny_tokenizer) == "hermes"  # plain ChatML ignores tools
+                                                   qwen_model: Path, plain_model: Path) -> None:
+    assert probe_tool_format(load_tokenizer(str(plain_model))) == "hermes"  # ignores tools
     assert probe_tool_format(load_tokenizer(str(qwen_model))) == "template"
+    assert probe_tool_format(tiny_tokenizer) == "template"  # its ChatML renders tools too
     assert probe_tool_format(with_template(tiny_model, REFUSING)) == "hermes"
     assert probe_tool_format(with_template(tiny_model, None)) == "hermes"
 
@@ -90,10 +100,10 @@ def test_a_template_that_refuses_names_its_reason(tiny_model: Path) -> None:
         render_chat(tokenizer, check_chat(MULTI_TURN).messages, False, tool_format="template")
 
 
-@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("which", ["plain", "qwen"])
 def test_inference_renders_a_request_as_training_rendered_the_chat(
-        tiny_model: Path, qwen_model: Path, which: str) -> None:
-    folder = tiny_model if which == "tiny" else qwen_model
+        plain_model: Path, qwen_model: Path, which: str) -> None:
+    folder = plain_model if which == "plain" else qwen_model
     text = ModelText(str(folder))
     assert text.chat_end_ids()  # its probe renders a chat, which probes the tool format
     tool_format = text.tool_format()
@@ -104,7 +114,7 @@ def test_inference_renders_a_request_as_training_rendered_the_chat(
                      chat_renderer(text.tokenizer, tool_format))
     served = text.render_chat(chat.messages[:-1], True, chat.tools, tool_format=tool_format)
 
-    assert tool_format == ("hermes" if which == "tiny" else "template")
+    assert tool_format == ("hermes" if which == "plain" else "template")
     assert served == trained.prompt
     assert text.render_chat(chat.messages[:-1], True, chat.tools) == served  # its own probe
     reply = parse_tool_calls(trained.segments()[1][0].removesuffix("<|im_end|>\n"))
@@ -114,10 +124,7 @@ def test_inference_renders_a_request_as_training_rendered_the_chat(
 
 def test_model_text_names_the_messages_it_cannot_render(tiny_model: Path,
                                                         tmp_path: Path) -> None:
-    folder = tmp_path / "model"
-    tokenizer = with_template(tiny_model, REFUSING)
-    tokenizer.save_pretrained(folder)
-    (folder / "config.json").write_text((tiny_model / "config.json").read_text())
+    folder = with_chat_template(tiny_model, tmp_path / "model", REFUSING)
 
     with pytest.raises(LorafleetError) as exc:
         ModelText(str(folder)).render_chat(check_chat(MULTI_TURN).messages, True,

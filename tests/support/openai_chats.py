@@ -6,12 +6,15 @@
   ``content``.
 * :data:`MULTI_TURN`: a multi-turn chat with a ``developer`` message, text parts, a call
   answered by a ``tool`` message, and an assistant message with ``weight: 0``.
-* :data:`QWEN25_TEMPLATE`: Qwen2.5-Instruct's chat template, which renders tools itself.
+* :data:`QWEN25_TEMPLATE`: Qwen2.5-Instruct's chat template, which renders tools itself;
+  :data:`PLAIN_CHATML`: a ChatML template that renders none (as SmolLM2's);
+  :func:`with_chat_template`: a copy of a model folder with another template.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +99,21 @@ MULTI_TURN: dict[str, Any] = {
 
 # Qwen2.5-Instruct's chat template (its tokenizer_config.json), which renders tools and calls.
 QWEN25_TEMPLATE = (Path(__file__).parent / "qwen25_chat_template.jinja").read_text()
+# ChatML without tools: a template that ignores ``tools=`` (as SmolLM2's does).
+PLAIN_CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def with_chat_template(model: Path, dest: Path, template: str) -> Path:
+    """A copy of the model folder ``model`` at ``dest`` whose tokenizer has ``template``."""
+    from modelio.loading import load_tokenizer
+
+    shutil.copytree(model, dest)
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(dest)
+    return dest

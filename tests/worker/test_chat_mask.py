@@ -17,15 +17,15 @@ pytest.importorskip("datasets")
 from modelio.loading import load_tokenizer  # noqa: E402
 from shared.templates import PromptFormat  # noqa: E402
 from tests.support.jobs import jsonl_bytes  # noqa: E402
-from tests.support.openai_chats import MULTI_TURN, QWEN25_TEMPLATE  # noqa: E402
+from tests.support.openai_chats import MULTI_TURN, PLAIN_CHATML, QWEN25_TEMPLATE  # noqa: E402
 from tests.worker.test_preprocess import spec  # noqa: E402
 from worker.preprocess import IGNORE_INDEX, prepare  # noqa: E402
 
 CHAT = PromptFormat(type="chat")
 
-# MULTI_TURN, written out by hand as both templates render it: the tiny model's ChatML with the
-# tools in the Hermes format, and Qwen2.5's template, which renders the tools itself the same
-# way. (text, learned) in order.
+# MULTI_TURN, written out by hand as both templates render it: plain ChatML with the tools in
+# the Hermes format, and Qwen2.5's template, which renders the tools itself the same way.
+# (text, learned) in order.
 WEATHER_SPEC = ('{"type": "function", "function": {"name": "get_weather", "description": '
                 '"The weather in a city now.", "parameters": {"type": "object", "properties": '
                 '{"city": {"type": "string"}}, "required": ["city"]}}}')
@@ -47,12 +47,22 @@ BY_HAND = [
 ]
 
 
+def with_template(tiny_model: Path, template: str) -> Any:
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tiny_model: Path) -> Any:
     """The tiny tokenizer with Qwen2.5's chat template, which renders tools."""
-    tokenizer = load_tokenizer(str(tiny_model))
-    tokenizer.chat_template = QWEN25_TEMPLATE
-    return tokenizer
+    return with_template(tiny_model, QWEN25_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tiny_model: Path) -> Any:
+    """The tiny tokenizer with a ChatML template that renders no tools."""
+    return with_template(tiny_model, PLAIN_CHATML)
 
 
 def prepared(tmp_path: Path, tokenizer: Any, *records: dict[str, Any], **overrides: Any) -> Any:
@@ -76,12 +86,12 @@ def by_hand(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], 
     return ids, labels
 
 
-@pytest.mark.parametrize(("which", "tool_format"), [("tiny", "hermes"), ("qwen", "template")])
+@pytest.mark.parametrize(("which", "tool_format"), [("plain", "hermes"), ("qwen", "template")])
 def test_the_mask_of_a_multi_turn_chat_with_tools(
-        settings_env: Callable[..., Any], tmp_path: Path, tiny_tokenizer: Any,
+        settings_env: Callable[..., Any], tmp_path: Path, plain_tokenizer: Any,
         qwen_tokenizer: Any, which: str, tool_format: str) -> None:
     settings_env()
-    tokenizer = tiny_tokenizer if which == "tiny" else qwen_tokenizer
+    tokenizer = plain_tokenizer if which == "plain" else qwen_tokenizer
 
     data = prepared(tmp_path, tokenizer, MULTI_TURN)
 
@@ -94,24 +104,24 @@ def test_the_mask_of_a_multi_turn_chat_with_tools(
 
 
 def test_train_on_inputs_learns_every_token(settings_env: Callable[..., Any], tmp_path: Path,
-                                            tiny_tokenizer: Any) -> None:
+                                            plain_tokenizer: Any) -> None:
     settings_env()
 
-    data = prepared(tmp_path, tiny_tokenizer, MULTI_TURN, train_on_inputs=True)
+    data = prepared(tmp_path, plain_tokenizer, MULTI_TURN, train_on_inputs=True)
 
-    assert data.train["labels"][0] == data.train["input_ids"][0] == by_hand(tiny_tokenizer,
+    assert data.train["labels"][0] == data.train["input_ids"][0] == by_hand(plain_tokenizer,
                                                                             BY_HAND)[0]
 
 
 def test_a_last_message_of_weight_0_is_context(settings_env: Callable[..., Any],
-                                               tmp_path: Path, tiny_tokenizer: Any) -> None:
+                                               tmp_path: Path, plain_tokenizer: Any) -> None:
     settings_env()
     record = json.loads(json.dumps(MULTI_TURN))
     record["messages"][-1]["weight"] = 0
 
-    data = prepared(tmp_path, tiny_tokenizer, record)
+    data = prepared(tmp_path, plain_tokenizer, record)
 
-    ids, labels = by_hand(tiny_tokenizer, [*BY_HAND[:3], (BY_HAND[3][0], False)])
+    ids, labels = by_hand(plain_tokenizer, [*BY_HAND[:3], (BY_HAND[3][0], False)])
     assert (data.train["input_ids"][0], data.train["labels"][0]) == (ids, labels)
 
 
@@ -131,11 +141,11 @@ def test_a_single_turn_chat_keeps_its_layout(settings_env: Callable[..., Any], t
 
 
 def test_records_stay_apart_in_a_packed_batch(settings_env: Callable[..., Any], tmp_path: Path,
-                                              tiny_tokenizer: Any) -> None:
+                                              plain_tokenizer: Any) -> None:
     from worker.collate import PackedCollator
 
     settings_env()
-    data = prepared(tmp_path, tiny_tokenizer, MULTI_TURN, MULTI_TURN)
+    data = prepared(tmp_path, plain_tokenizer, MULTI_TURN, MULTI_TURN)
     rows = [data.train[0], data.train[1]]
 
     batch = PackedCollator()(rows)
