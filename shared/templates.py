@@ -29,7 +29,6 @@ FormatName = Literal["dolly", "phi2-qa", "chat", "custom"]
 FORMAT_NAMES: tuple[str, ...] = ("dolly", "phi2-qa", "chat", "custom")
 
 
-
 class ChatRenderer(Protocol):
     """Renders normalised OpenAI messages (``shared.chat``) and tools as text with a chat
     template: ``modelio.chat_template.chat_renderer`` (the worker) or
