@@ -51,6 +51,7 @@ class Plan:
     test: int
     epochs: float
     batch_size: int
+    grad_accum: int
     learning_rate: float
     lora_r: int
     lora_alpha: float
@@ -58,9 +59,11 @@ class Plan:
     seed: int = 0
 
 
-FULL = Plan("full", chats=300, train=250, test=50, epochs=1, batch_size=4, learning_rate=1e-3,
-            lora_r=16, lora_alpha=32)
-QUICK = Plan("quick", chats=24, train=16, test=8, epochs=0.25, batch_size=4,
+# Batches of 4 chats as two steps of 2: a step's activations (fp32, ~500 tokens a chat) then
+# stay near 3 GB, which a shared machine can spare.
+FULL = Plan("full", chats=300, train=250, test=50, epochs=1, batch_size=2, grad_accum=2,
+            learning_rate=1e-3, lora_r=16, lora_alpha=32)
+QUICK = Plan("quick", chats=24, train=16, test=8, epochs=0.25, batch_size=2, grad_accum=2,
              learning_rate=1e-3, lora_r=8, lora_alpha=16, max_new_tokens=32)
 
 
@@ -141,7 +144,7 @@ def train(model_dir: Path, train_file: Path, work: Path, plan: Plan) -> tuple[Pa
         model=str(model_dir), training_file="file-bench", lora=LoraSpec(
             r=plan.lora_r, alpha=plan.lora_alpha), prompt_format=PromptFormat(type="chat"),
         record_shape="chat", max_length=1024, n_epochs=plan.epochs,
-        batch_size=plan.batch_size, gradient_accumulation_steps=1,
+        batch_size=plan.batch_size, gradient_accumulation_steps=plan.grad_accum,
         learning_rate=plan.learning_rate, warmup=0.05, save_steps=10_000, logging_steps=10,
         train_on_inputs=False, packing=True, seed=plan.seed)
     tokenizer = load_tokenizer(spec.model)
@@ -237,8 +240,9 @@ def markdown(outcome: Outcome, where: str, command: str) -> str:
         f"{plan.test} are the test.",
         f"- Training: the path a job takes (`prepare` + `train_adapter`), prompt format `chat`, "
         f"tool format `{outcome.tool_format}` (the probe's choice for SmolLM2's template, "
-        f"stored in the adapter's `lorafleet.json`); {plan.epochs:g} epoch(s), batch "
-        f"{plan.batch_size}, lr {plan.learning_rate:g}, LoRA r {plan.lora_r} / alpha "
+        f"stored in the adapter's `lorafleet.json`); {plan.epochs:g} epoch(s), batches of "
+        f"{plan.batch_size} × {plan.grad_accum} accumulated, lr {plan.learning_rate:g}, LoRA r "
+        f"{plan.lora_r} / alpha "
         f"{plan.lora_alpha:g}, fp32 on CPU: {outcome.steps} steps, "
         f"{outcome.trained_tokens:,} tokens in {outcome.train_seconds:.0f} s.",
         "- Scoring: with peft in the benchmark's process (the base model and the adapter "

@@ -23,7 +23,7 @@ from typing import Any, cast, get_args
 
 from jinja2 import TemplateError
 
-from shared.hermes import ToolFormat, hermes_messages
+from shared.hermes import ToolFormat, arguments_object, hermes_messages
 from shared.templates import ChatRenderer
 
 _PROBE_DESCRIPTION = "Probe description 7f3a1c"
@@ -112,7 +112,6 @@ def _template_message(message: dict[str, Any]) -> dict[str, Any]:
         return message
     out = {k: v for k, v in message.items() if k != "content" or v is not None}
     out["tool_calls"] = [{**call, "function": {
-        "name": call["function"]["name"],
-        "arguments": json.loads(call["function"]["arguments"])}}
+        "name": call["function"]["name"], "arguments": arguments_object(call)}}
         for call in message["tool_calls"]]
     return out

@@ -50,11 +50,17 @@ def tools_block(tools: list[dict[str, Any]]) -> str:
     return TOOLS_INTRO + specs + TOOLS_OUTRO
 
 
+def arguments_object(call: dict[str, Any]) -> Any:
+    """A call's arguments as a value: OpenAI's JSON string parsed (checked JSON, see
+    ``shared.chat``), or as given when already parsed (as transformers' templates take them)."""
+    arguments = call["function"]["arguments"]
+    return json.loads(arguments) if isinstance(arguments, str) else arguments
+
+
 def call_text(call: dict[str, Any]) -> str:
-    """One tool call (OpenAI's ``{"id", "type", "function": {"name", "arguments"}}``, the
-    arguments a JSON string) as a ``<tool_call>`` block."""
-    function = call["function"]
-    body = {"name": function["name"], "arguments": json.loads(function["arguments"])}
+    """One tool call (OpenAI's ``{"id", "type", "function": {"name", "arguments"}}``) as a
+    ``<tool_call>`` block."""
+    body = {"name": call["function"]["name"], "arguments": arguments_object(call)}
     return f"{CALL_START}\n{json.dumps(body, ensure_ascii=False)}\n{CALL_END}"
 
 

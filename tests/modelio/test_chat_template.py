@@ -143,3 +143,19 @@ def test_one_reply_renders_as_its_turn_in_the_chat(tiny_tokenizer: Any) -> None:
     pieces = render(PromptFormat(type="chat"), to_example(MULTI_TURN), renderer).segments()
     assert (turn.prompt, turn.response) == (pieces[0][0], pieces[1][0])
     assert turn.response.startswith("<tool_call>\n")
+
+
+@pytest.mark.parametrize("tool_format", ["template", "hermes"])
+def test_arguments_may_come_parsed(qwen_model: Path, tool_format: str) -> None:
+    text = ModelText(str(qwen_model))
+    chat = check_chat(MULTI_TURN)
+    parsed = json.loads(json.dumps(chat.messages))
+    for message in parsed:
+        for call in message.get("tool_calls", []):
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+
+    as_objects = text.render_chat(parsed, True, chat.tools, tool_format=tool_format)
+
+    assert as_objects == text.render_chat(chat.messages, True, chat.tools,
+                                          tool_format=tool_format)
+    assert '"arguments": {"city": "Paris"}' in as_objects
