@@ -14,8 +14,9 @@ the base model and the adapter, loaded with ``PeftModel.from_pretrained``, answe
 answer is read back with :func:`shared.hermes.parse_tool_calls`. The score is the share of
 answers whose first call has the expected name and arguments (parsed JSON, equal as values).
 
-Scored with peft in this process: the inference engine's ``/v1/chat/completions`` does not
-take ``tools`` yet. ``--write`` puts the section into BENCHMARKS.md.
+Scored with peft in this process: the inference engine's ``/v1/chat/completions`` takes
+``tools`` only for base models whose template renders them, not yet in an adapter's Hermes
+format. ``--write`` puts the section into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -246,8 +247,9 @@ def markdown(outcome: Outcome, where: str, command: str) -> str:
         f"{plan.lora_alpha:g}, fp32 on CPU: {outcome.steps} steps, "
         f"{outcome.trained_tokens:,} tokens in {outcome.train_seconds:.0f} s.",
         "- Scoring: with peft in the benchmark's process (the base model and the adapter "
-        "loaded with `PeftModel.from_pretrained`; `/v1/chat/completions` does not take "
-        "`tools` yet). Each request is rendered with the chat's tools as inference renders it "
+        "loaded with `PeftModel.from_pretrained`), as `/v1/chat/completions` takes `tools` only "
+        "for templates that render them, not yet in an adapter's Hermes format. Each request "
+        "is rendered with the chat's tools as inference renders it "
         f"(`ModelText.render_chat`, tool format `{outcome.tool_format}`), answered greedily "
         f"(at most {plan.max_new_tokens} new tokens), and read back with "
         "`shared.hermes.parse_tool_calls`. *Exact*: the first call's name and arguments (parsed "
