@@ -185,11 +185,6 @@ def check_tools(tools: Any, *, path: str = "tools") -> list[dict[str, Any]]:
     return tools
 
 
-def message_text(message: dict[str, Any]) -> str:
-    """A normalised message's content as text (``""`` for a message that only calls tools)."""
-    return message.get("content") or ""
-
-
 # --------------------------------------------------------------------------- one message
 def _check_messages(messages: Any, path: str) -> tuple[list[dict[str, Any]], dict[int, int]]:
     if not isinstance(messages, list) or not messages:
