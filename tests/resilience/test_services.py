@@ -22,7 +22,6 @@ from sqlalchemy.engine import make_url
 
 from tests.resilience.conftest import (
     JOB,
-    PrivateRedis,
     assert_never_concurrent,
     attempts,
     ensure_workers,
@@ -43,6 +42,7 @@ from tests.support import (
     wait_for_status,
 )
 from tests.support.backends import postgres_url
+from tests.support.servers import PrivateRedis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.postgres]
 
