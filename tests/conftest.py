@@ -35,6 +35,31 @@ def tiny_tokenizer(tiny_model: Path) -> Any:
     return load_tokenizer(str(tiny_model))
 
 
+@pytest.fixture(scope="session")
+def shared_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The tiny model's vLLM server that the serving stacks of the session share
+    (:class:`tests.support.vllm.SharedVllm`), started on first use; stopped at the end."""
+    from tests.support.vllm import SharedVllm
+
+    server = SharedVllm(tiny_model, tmp_path_factory.mktemp("shared-vllm"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Note the last module that starts a serving stack: ``shared_vllm`` stops after it."""
+    from tests.support.vllm import LAST_SERVING_MODULE
+
+    for item in reversed(items):
+        module = item.getparent(pytest.Module)
+        if module is not None and "serving" in getattr(item, "fixturenames", ()):
+            config.stash[LAST_SERVING_MODULE] = module.nodeid
+            break
+
+
 # --------------------------------------------------------------------------- stacks
 @pytest.fixture
 def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
