@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.seaweedfs import s3_bucket, seaweedfs  # noqa: F401 - fixtures
 from tests.support.stack import LIVE_STACKS, Stack, StackFactory
 
 
