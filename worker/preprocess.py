@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,14 @@ from typing import Any
 from datasets import Dataset, load_from_disk
 
 from shared import storage
-from shared.errors import InvalidDataset
+from shared.errors import InvalidDataset, StorageUnavailable
 from shared.records import iter_examples
 from shared.schemas import TrainingSpec
+from shared.storage import ObjectMissing, folders
+from shared.storage.folders import DamagedFolder
 from shared.templates import Rendered, render
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PREPROCESS_VERSION = "1"  # bump when the token layout changes, so caches are rebuilt
@@ -132,13 +138,9 @@ def prepare(
         InvalidDataset: a bad record, or no example shorter than ``max_length``.
     """
     key = fingerprint(spec, tokenizer, [train_hash, valid_hash or ""])
-    cache = storage.dataset_cache_dir(key)
-    meta_path = cache / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        train = load_from_disk(str(cache / "train"))
-        valid = load_from_disk(str(cache / "validation")) if meta["validation"] else None
-        return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True)
+    cached = _load_cached(key)
+    if cached is not None:
+        return cached
 
     train, dropped = _build(train_path, spec, tokenizer, "training_file")
     if len(train) == 0:
@@ -155,19 +157,38 @@ def prepare(
                 f"validation_file: every example reaches max_length={spec.max_length}",
                 param="validation_file",
             )
-    # Build next to the final folder, then rename: a crash leaves no half-written cache.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{key}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    train.save_to_disk(str(tmp / "train"))
-    if valid is not None:
-        valid.save_to_disk(str(tmp / "validation"))
     meta = {"examples": len(train), "dropped": dropped,
             "validation": len(valid) if valid is not None else None}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another attempt finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    _store_cached(key, train, valid, meta)
     return Prepared(train, valid, len(train), dropped, meta["validation"], False)
 
+
+def _load_cached(key: str) -> Prepared | None:
+    """The data sets an earlier attempt built with the same fingerprint, from storage."""
+    try:
+        folder = storage.get_cache().folder(storage.get_store(), storage.dataset_cache_key(key))
+        meta = json.loads((folder / "meta.json").read_text())
+        train = load_from_disk(str(folder / "train"))
+        valid = load_from_disk(str(folder / "validation")) if meta["validation"] else None
+    except (ObjectMissing, DamagedFolder, StorageUnavailable, OSError, ValueError, KeyError):
+        return None  # not built yet, or unreadable: build it (again)
+    return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True)
+
+
+def _store_cached(key: str, train: Dataset, valid: Dataset | None,
+                  meta: dict[str, Any]) -> None:
+    """Keep the data sets for later attempts. Built locally, then committed in storage; two
+    attempts building the same set at once each write their own files, and the first commit
+    wins (theirs are identical). A store that cannot take it costs the cache, not the job."""
+    work = storage.get_cache().workspace("datasets", f"{key}.{os.getpid()}.{uuid.uuid4().hex}")
+    try:
+        train.save_to_disk(str(work / "train"))
+        if valid is not None:
+            valid.save_to_disk(str(work / "validation"))
+        (work / "meta.json").write_text(json.dumps(meta))
+        folders.commit_folder(storage.get_store(), work, storage.dataset_cache_key(key),
+                              base=uuid.uuid4().hex)
+    except (folders.AlreadyCommitted, StorageUnavailable) as e:
+        log.info("preprocessed data %s not cached: %s", key, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

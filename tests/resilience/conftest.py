@@ -99,7 +99,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 120.0, interval: f
 
 def job_row(stack: Stack, job_id: str) -> Any:
     """The job's row, read straight from the database (lease fields included)."""
-    rows = stack.sql("SELECT status, attempt, failures, lease_owner, last_good_step, progress, "
+    rows = stack.sql("SELECT status, attempt, failures, lease_owner, last_good_step, "
+                     "last_good_checkpoint, progress, "
                      "resumed_from_step, not_before, error FROM jobs WHERE id = :id", id=job_id)
     return rows[0]
 

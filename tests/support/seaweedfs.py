@@ -36,6 +36,8 @@ from tests.support.backends import unavailable
 ACCESS_KEY = "lorafleet-test"
 SECRET_KEY = "lorafleet-test-secret"
 REGION = "us-east-1"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "AWS_DEFAULT_REGION": REGION}
 # Each component listens on its port and on its port + 10000 (gRPC): both must be free.
 GRPC_OFFSET = 10000
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")
@@ -248,9 +250,7 @@ class SeaweedFS:
             "LORAFLEET_STORAGE_URL": url,
             "LORAFLEET_S3_ENDPOINT_URL": self.endpoint_url,
             "LORAFLEET_S3_PATH_STYLE": "true",
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": REGION,
+            **AWS_ENV,
         }
 
 
