@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from api.flights import Flights
 from shared.db import session_scope
-from shared.errors import InvalidRequest, LorafleetError, NotFound
+from shared.dependencies import unavailable
+from shared.errors import DatabaseUnavailable, InvalidRequest, LorafleetError, NotFound
 from shared.ids import new_id, now
 from shared.models import ApiKey
 from shared.settings import get_settings
@@ -61,11 +62,13 @@ class KeyCache:
         # key hash -> (project, when its check began on `clock`); oldest first
         self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def lookup(self, key_hash: str) -> tuple[str, float] | None:
-        """The key's project and when it was checked, unless that was a TTL ago or more."""
+    def lookup(self, key_hash: str, ttl: float | None = None) -> tuple[str, float] | None:
+        """The key's project and when it was checked, unless that was ``ttl`` seconds ago or
+        more (default: ``auth_cache_seconds``)."""
         with self._lock:
             hit = self._entries.get(key_hash)
-        if hit is None or hit[1] + get_settings().auth_cache_seconds <= self.clock():
+        ttl = get_settings().auth_cache_seconds if ttl is None else ttl
+        if hit is None or hit[1] + ttl <= self.clock():
             return None
         return hit
 
@@ -182,13 +185,18 @@ def _check_key(key_hash: str) -> str:
         return check_key(session, key_hash)
 
 
-async def authenticate_async(authorization: str | None) -> str:
+async def authenticate_async(authorization: str | None, stale_if_error: float = 0.0) -> str:
     """:func:`authenticate` without a session, for async routes. A key not checked within
     the TTL is checked in the thread pool, once for all the requests that carry it; one past
     half its TTL is served from :data:`key_cache` and checked again in the background.
 
+    Args:
+        stale_if_error: while the database does not answer, accept a key that was checked
+            at most this many seconds ago (0: none).
+
     Raises:
         Unauthorized: no key, a malformed header, or an unknown or revoked key.
+        DatabaseUnavailable: the key must be checked and the database does not answer.
     """
     key_hash = hash_header(authorization)
     ttl = get_settings().auth_cache_seconds
@@ -196,7 +204,14 @@ async def authenticate_async(authorization: str | None) -> str:
     hit = key_cache.lookup(key_hash)
     since = max(hit[1], at - ttl) if hit else at - ttl
     if hit is None:
-        return await asyncio.shield(key_checks.join(key_hash, at, since, _check_key, key_hash))
+        try:
+            return await asyncio.shield(
+                key_checks.join(key_hash, at, since, _check_key, key_hash))
+        except Exception as e:
+            kept = key_cache.lookup(key_hash, stale_if_error) if stale_if_error > 0 else None
+            if kept is None or not isinstance(unavailable(e), DatabaseUnavailable):
+                raise
+            return kept[0]
     if at - hit[1] > ttl / 2:
         key_checks.join(key_hash, at, since, _check_key, key_hash)
     return hit[0]

@@ -20,6 +20,7 @@ from shared.errors import ServiceUnavailable
 from shared.http import internal_client, unless_gone
 
 PASSED_HEADERS = ("retry-after",)
+HEALTH_TIMEOUT_S = 3.0
 
 
 class EngineClient:
@@ -31,6 +32,20 @@ class EngineClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the engine answers, which backend serves and why (its ``/health``)."""
+        try:
+            answer = await self._client.get("/health", timeout=HEALTH_TIMEOUT_S)
+            stats = answer.json()
+        except (httpx.HTTPError, ValueError) as e:
+            return {"status": "unavailable", "url": self.base_url,
+                    "reason": f"{type(e).__name__}: {e}"}
+        if answer.status_code != 200 or not isinstance(stats, dict):
+            return {"status": "unavailable", "url": self.base_url,
+                    "reason": f"/health answered {answer.status_code}"}
+        return {"status": "ok", "url": self.base_url, "backend": stats.get("backend"),
+                "reason": stats.get("backend_reason")}
 
     async def forward(self, path: str, payload: dict[str, Any],
                       caller: Request | None = None) -> Response:

@@ -19,5 +19,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Request body over the operator's limit"),
         (422, "A field is invalid or over the operator's limit"),
         (429, "Over a per-project limit; see Retry-After"),
+        (503, "The database, the broker or the storage is not answering; see Retry-After"),
     ]
 }

@@ -13,7 +13,10 @@ cache's TTL, counted from when its read began. What every such cache guarantees:
   value past half its life is read again in the background while it is still served: a key
   asked for steadily costs about two reads per TTL, and no request waits for them;
 - a read that fails (the row is gone, say) drops what it would have refreshed, so the next
-  request reads again and gets the error itself.
+  request reads again and gets the error itself;
+- a cache made with ``keep_last`` also keeps each key's last value past its TTL
+  (:meth:`ReadCache.last`), for a caller to serve, marked stale, while the database does not
+  answer; a write forgets it as it forgets the fresh one.
 """
 
 from __future__ import annotations
@@ -48,15 +51,19 @@ class ReadCache(Generic[K, V]):
     Args:
         ttl: the seconds a value is kept (a setting, read at each use); 0 keeps nothing.
         clock: the time in seconds, as :func:`time.monotonic` gives it (tests pass their own).
+        keep_last: also keep each key's last value past its TTL, for :meth:`last`.
     """
 
     def __init__(self, ttl: Callable[[], float], max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, keep_last: bool = False):
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
+        self.keep_last = keep_last
         self._lock = threading.Lock()
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
+        # key -> (its last value, when that read began); None: forgotten then, by a write.
+        self._last: OrderedDict[K, tuple[V | None, float]] = OrderedDict()
         self._flights = Flights()
 
     def lookup(self, key: K) -> V | None:
@@ -72,13 +79,19 @@ class ReadCache(Generic[K, V]):
         write (:meth:`forget`) came since."""
         ttl = self.ttl()
         now = self.clock()
-        if read_at + ttl <= now:
+        fresh = read_at + ttl > now
+        if not fresh and not self.keep_last:
             return
         with self._lock:
             current = self._entries.get(key)
-            if current is not None and current.read_at > read_at:
+            last = self._last.get(key)
+            if ((current is not None and current.read_at > read_at)
+                    or (last is not None and last[1] > read_at)):
                 return
-            self._put(key, _Entry(read_at, read_at + ttl, value), now)
+            if self.keep_last:
+                self._remember(key, (value, read_at))
+            if fresh:
+                self._put(key, _Entry(read_at, read_at + ttl, value), now)
 
     def forget(self, key: K) -> None:
         """Call after a write that changes ``key``'s value is committed: the next request
@@ -86,11 +99,26 @@ class ReadCache(Generic[K, V]):
         now = self.clock()
         with self._lock:
             self._put(key, _Entry(now, now + self.ttl()), now)
+            if self.keep_last:
+                self._remember(key, (None, now))
+
+    def last(self, key: K, max_age: float,
+             usable: Callable[[V], bool] | None = None) -> tuple[V, float] | None:
+        """``key``'s last value (``usable`` by the caller) and its age in seconds, counted
+        from when its read began, if that is at most ``max_age``: kept past the TTL (with
+        ``keep_last``) for when a fresh read fails. ``None`` after a write forgot it."""
+        with self._lock:
+            value, read_at = self._last.get(key, (None, 0.0))
+        age = self.clock() - read_at
+        if value is None or age > max_age or (usable is not None and not usable(value)):
+            return None
+        return value, age
 
     def clear(self) -> None:
         """Forget everything, reads in flight included (they belong to an event loop)."""
         with self._lock:
             self._entries.clear()
+            self._last.clear()
         self._flights.clear()
 
     def __len__(self) -> int:
@@ -102,6 +130,12 @@ class ReadCache(Generic[K, V]):
         while self._entries and (len(self._entries) > self.max_entries
                                  or next(iter(self._entries.values())).expires <= now):
             self._entries.popitem(last=False)
+
+    def _remember(self, key: K, last: tuple[V | None, float]) -> None:
+        self._last[key] = last
+        self._last.move_to_end(key)
+        while len(self._last) > self.max_entries:
+            self._last.popitem(last=False)
 
     def _drop(self, key: K, read_at: float, usable: Callable[[V], bool] | None) -> None:
         """A read that began at ``read_at`` failed: drop the entry it would have refreshed,

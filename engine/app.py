@@ -42,6 +42,7 @@ from modelio.adapter_checks import check_adapter
 from shared import http_errors, storage
 from shared.http import unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
+from shared.request_fields import UnsupportedParameter
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Engine:
         self._hosts: dict[str, BaseModelHost] = {}
         self._hosts_lock = threading.Lock()
         self._checked: set[str] = set()  # adapter versions (AdapterRef.name) found safe
+        self.reason = "the built-in engine was asked for"  # why this backend serves
 
     def start(self) -> None:
         self.batcher.start()
@@ -106,8 +108,14 @@ class Engine:
             return host
 
     def prepare(self, body: EngineRequest) -> tuple[BaseModelHost, AdapterRef | None, Prepared]:
-        """Tokenize and check a request (blocking: runs in a worker thread)."""
+        """Tokenize and check a request (blocking: runs in a worker thread).
+
+        Raises:
+            UnsupportedParameter: tools or structured outputs, which need vLLM.
+        """
         target = body.target
+        if isinstance(body, EngineChatRequest):
+            refuse_without_vllm(body, self.reason)
         host = self.host(target.base_model)
         ref = served_adapter(target.adapter_path, self.adapters)
         if ref is not None and ref.name not in self._checked:
@@ -137,7 +145,21 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         with self._hosts_lock:
             hosts = {name: h.stats() for name, h in self._hosts.items()}
-        return {"backend": "builtin", **self.batcher.stats(), "base_models": hosts}
+        return {"backend": "builtin", "backend_reason": self.reason, **self.batcher.stats(),
+                "base_models": hosts}
+
+
+def refuse_without_vllm(body: EngineChatRequest, why: str) -> None:
+    """The built-in engine generates free text only: tools and structured outputs, which
+    need vLLM's constrained decoding and tool parsing, are refused by name."""
+    fields = [name for name, asked in (
+        ("tools", body.calls_tools),
+        ("response_format", body.response_format is not None
+         and body.response_format.type != "text")) if asked]
+    if fields:
+        raise UnsupportedParameter(
+            f"'{fields[0]}' is not supported by the built-in engine, which serves here "
+            f"because {why}: tools and structured outputs need vLLM", param=fields[0])
 
 
 async def _guarded(events: AsyncIterator[str], on_close: Callable[[], None]) -> AsyncIterator[str]:
@@ -153,8 +175,8 @@ async def run_request(engine: Engine, body: EngineRequest,
     """Submit ``body`` and answer with one response object or an event stream. A client that
     goes away (``http`` disconnects) stops the generation of its request."""
     request = await engine.submit(body)
-    shaper = responses.Shaper(body.target.model, isinstance(body, EngineChatRequest),
-                              len(request.rows))
+    shaper = responses.shaper_for(body.target.model, isinstance(body, EngineChatRequest),
+                                  request.rows, request.host.token_text)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = responses.stream(request, shaper, include_usage)
@@ -173,7 +195,8 @@ async def run_request(engine: Engine, body: EngineRequest,
 
 
 def build_engine(settings: Settings) -> Backend:
-    """The engine ``settings.engine_backend`` asks for (``auto``: vLLM if there is one).
+    """The engine ``settings.engine_backend`` asks for (``auto``: vLLM if there is one). Which
+    one serves, and why, is logged and shown in ``/health`` (``backend``, ``backend_reason``).
 
     Raises:
         RuntimeError: ``vllm`` was asked for, and there is neither a vLLM environment nor a
@@ -182,24 +205,31 @@ def build_engine(settings: Settings) -> Backend:
     if settings.engine_nice and hasattr(os, "nice"):
         os.nice(settings.engine_nice)  # before any thread or server starts: they inherit it
     backend = settings.engine_backend
-    python, why = (None, "the built-in engine was asked for") if backend == "builtin" else (
+    python, why = (None, "LORAFLEET_ENGINE_BACKEND=builtin") if backend == "builtin" else (
         find_vllm_python(settings))
     if backend != "builtin" and (python is not None or settings.vllm_servers):
         if python is None:
-            why = "vLLM servers in LORAFLEET_VLLM_SERVERS only"
-        log.info("engine backend: vLLM (%s)", why)
-        return VllmEngine(settings, python, storage.local_folder("logs", "vllm"),
-                          adapters=_adapter_folders(),
-                          cpu=pick_device(settings.engine_device).type == "cpu")
+            why = f"vLLM servers in LORAFLEET_VLLM_SERVERS only ({why})"
+        log.info("lorafleet serve: generating with vLLM: %s", why)
+        engine = VllmEngine(settings, python, storage.local_folder("logs", "vllm"),
+                            adapters=_adapter_folders(),
+                            cpu=pick_device(settings.engine_device).type == "cpu")
+        engine.reason = why
+        return engine
     if backend == "vllm":
         raise RuntimeError(f"LORAFLEET_ENGINE_BACKEND=vllm, but {why}: run `make venv-vllm`, "
                            "or set LORAFLEET_VLLM_PYTHON or LORAFLEET_VLLM_SERVERS")
-    log.warning("engine backend: built-in (%s)", why)
+    if backend == "auto":
+        why = (f"no vLLM environment: {why}; run `make venv-vllm` in the project's folder, "
+               "or set LORAFLEET_VLLM_PYTHON")
+    log.warning("lorafleet serve: generating with the built-in engine: %s", why)
     if settings.engine_torch_threads:
         import torch
 
         torch.set_num_threads(settings.engine_torch_threads)
-    return Engine(settings, adapters=_adapter_folders())
+    builtin = Engine(settings, adapters=_adapter_folders())
+    builtin.reason = why
+    return builtin
 
 
 def _adapter_folders() -> AdapterFolders:
@@ -209,7 +239,7 @@ def _adapter_folders() -> AdapterFolders:
 def _log_to_stderr() -> None:
     # uvicorn configures its own loggers only: without this, which backend serves, and the
     # vLLM servers' starts and stops, would not show in the engine's log.
-    logger = logging.getLogger("worker")
+    logger = logging.getLogger("engine")
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))

@@ -38,8 +38,10 @@ def _load_error(error: Exception) -> LorafleetError:
 class Request:
     """One API request: its rows (prompts x choices) and where its results go.
 
-    Events put on :attr:`events`: ``("delta", index, text)``, ``("finish", index, reason,
-    completion_tokens)``, then ``("done",)`` or ``("error", LorafleetError)``.
+    Events put on :attr:`events`: ``("prompt", index, logprobs)`` for a choice that echoes
+    its prompt, ``("delta", index, text, logprobs)``, ``("finish", index, reason,
+    completion_tokens, logprobs)``, then ``("done",)`` or ``("error", LorafleetError)``; the
+    logprobs are the tokens' since the last event (empty unless asked).
     """
 
     host: BaseModelHost
@@ -187,10 +189,14 @@ class Batcher:
             if rows:
                 host.generate(
                     rows,
-                    on_delta=lambda row, text: row.owner.emit("delta", row.index, text),
+                    on_delta=lambda row, text: row.owner.emit("delta", row.index, text,
+                                                              row.take_logprobs()),
                     on_finish=lambda row: row.owner.emit("finish", row.index,
-                                                         row.finish_reason, len(row.generated)),
+                                                         row.finish_reason, len(row.generated),
+                                                         row.take_logprobs()),
                     cancelled=lambda row: row.owner.cancelled,
+                    on_prompt=lambda row, entries: row.owner.emit("prompt", row.index,
+                                                                  entries),
                 )
         except LorafleetError as e:
             outcome = ("error", e)

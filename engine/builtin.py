@@ -26,7 +26,17 @@ from transformers import (
 )
 
 from engine.adapters import AdapterCache, AdapterRef
-from engine.decoding import BASE, DeltaFn, FinishFn, Row, RowSampler, RowStopper
+from engine.decoding import (
+    BASE,
+    DeltaFn,
+    FinishFn,
+    PromptFn,
+    Row,
+    RowSampler,
+    RowStopper,
+    entry,
+)
+from engine.logprobs import TokenLogprob
 from modelio.loading import ModelLoadError
 from modelio.model_text import ModelText
 
@@ -113,14 +123,41 @@ class BaseModelHost(ModelText):
         return self.adapters.ensure(adapters)
 
     @torch.inference_mode()
+    def prompt_logprobs(self, row: Row) -> list[TokenLogprob]:
+        """The logprobs of ``row``'s prompt tokens (the first is None), with the adapter."""
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        extra = {"adapter_names": [row.adapter]} if isinstance(self.model, PeftModel) else {}
+        logits = self.model(input_ids=ids, **extra).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        k = row.logprobs or 0
+        return [TokenLogprob(row.prompt_ids[0], None)] + [
+            entry(token, logprobs[i], k) for i, token in enumerate(row.prompt_ids[1:])]
+
+    @torch.inference_mode()
     def generate(self, rows: list[Row], on_delta: DeltaFn, on_finish: FinishFn,
-                 cancelled: Callable[[Row], bool] = lambda r: False) -> None:
+                 cancelled: Callable[[Row], bool] = lambda r: False,
+                 on_prompt: PromptFn = lambda row, entries: None) -> None:
         """Run ``rows`` as one left-padded batch; their adapters must be loaded
         (:meth:`prepare`).
 
-        Text and the end of each row are reported through ``on_delta``/``on_finish`` as the
-        batch advances.
+        The prompt logprobs of rows that echo come first (``on_prompt``); rows that ask for
+        no tokens end there. Text and the end of each row are reported through
+        ``on_delta``/``on_finish`` as the batch advances.
         """
+        scored: dict[tuple[str, tuple[int, ...]], list[TokenLogprob]] = {}
+        for row in rows:
+            if row.echo:
+                key = (row.adapter, tuple(row.prompt_ids))
+                if key not in scored:  # n choices of one prompt: scored once
+                    scored[key] = (self.prompt_logprobs(row) if row.logprobs is not None
+                                   else [TokenLogprob(t, None) for t in row.prompt_ids])
+                on_prompt(row, scored[key])
+            if row.max_new_tokens == 0:
+                row.finish_reason = "length"
+                on_finish(row)
+        rows = [row for row in rows if row.max_new_tokens > 0]
+        if not rows:
+            return
         pad = self.tokenizer.pad_token_id
         width = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from engine.logprobs import TokenLogprob
+
 # Text is streamed only once it is certain: a decoded tail that ends in a partial UTF-8
 # character, or that could be the start of a stop string, is held back.
 REPLACEMENT_CHAR = "\ufffd"
@@ -29,6 +31,7 @@ BASE = "__base__"
 # (row, text delta) and (row, finish_reason) callbacks, called on the generation thread.
 DeltaFn = Callable[["Row", str], None]
 FinishFn = Callable[["Row"], None]
+PromptFn = Callable[["Row", list[TokenLogprob]], None]
 
 
 @dataclass(eq=False)
@@ -44,13 +47,35 @@ class Row:
     top_p: float = 1.0
     seed: int = 0
     index: int = 0  # the choice index in the response
+    logprobs: int | None = None  # alternatives per token's logprobs; None: no logprobs
+    echo: bool = False  # the prompt's tokens and their logprobs come back
+    prompt_text: str = ""  # with echo: the prompt as the answer starts with it
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     owner: Any = None  # the request it belongs to
     # --- state while generating -------------------------------------------------------
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
     finish_reason: str | None = None
+    logprob_entries: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0
+    _step_logprobs: torch.Tensor | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens generated since the last call."""
+        entries = self.logprob_entries[self.logprobs_sent:]
+        self.logprobs_sent = len(self.logprob_entries)
+        return entries
+
+    def record(self, token: int) -> None:
+        """Note the logprob of the token just generated (if logprobs were asked)."""
+        if self.logprobs is None or self._step_logprobs is None:
+            return
+        self.logprob_entries.append(entry(token, self._step_logprobs, self.logprobs))
+        self._step_logprobs = None
 
     @property
     def done(self) -> bool:
@@ -67,6 +92,14 @@ class Row:
         return self._generator
 
 
+def entry(token: int, logprobs: torch.Tensor, k: int) -> TokenLogprob:
+    """``token`` at a position whose log-softmax is ``logprobs``, with the ``k`` most likely."""
+    top = torch.topk(logprobs, k) if k else None
+    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if (
+        top is not None) else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters of ``text`` could still become a stop string."""
     keep = 0
@@ -79,14 +112,20 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class RowSampler(LogitsProcessor):
-    """Temperature and top-p sampling per row, with each row's own generator."""
+    """Each row's logprobs (of the raw logits), logit biases and penalties, then temperature
+    and top-p sampling, with each row's own generator."""
 
     def __init__(self, rows: list[Row]):
         self.rows = rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for i, row in enumerate(self.rows):
-            if row.greedy or row.done:
+            if row.done:
+                continue
+            if row.logprobs is not None:
+                row._step_logprobs = torch.log_softmax(scores[i].float(), dim=-1)
+            _adjust(row, scores[i])
+            if row.greedy:
                 continue
             logits = scores[i].float() / row.temperature
             probs = torch.softmax(logits, dim=-1)
@@ -101,6 +140,17 @@ class RowSampler(LogitsProcessor):
             masked[token] = 0.0
             scores[i] = masked
         return scores
+
+
+def _adjust(row: Row, scores: torch.Tensor) -> None:
+    """OpenAI's logit bias, then its presence and frequency penalties (on the tokens this row
+    generated so far), in place."""
+    for token, bias in row.logit_bias.items():
+        scores[token] += bias
+    if row.generated and (row.presence_penalty or row.frequency_penalty):
+        counts = torch.bincount(torch.tensor(row.generated, device=scores.device),
+                                minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+        scores -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0)
 
 
 class RowStopper(StoppingCriteria):
@@ -123,6 +173,7 @@ class RowStopper(StoppingCriteria):
             if self.cancelled(row):
                 row.finish_reason = "cancelled"
                 continue
+            row.record(token)  # the stop token too: it was generated, and scored
             if token in row.stop_ids:
                 self._finish(row, "stop", row.text)
                 continue

@@ -9,9 +9,12 @@ stops at the format's end marker. ``raw_prompt`` sends the text as is.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine import tools
 from engine.decoding import BASE, Row
+from engine.tools import message_dicts
 from modelio.model_text import ModelText
 from shared.errors import ContextLengthExceeded, InvalidRequest
 from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
@@ -21,11 +24,12 @@ from shared.templates import PromptFormat, render_prompt, stop_sequences
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt as text, and what ends its completion."""
+    """One prompt, as text or as token ids, and what ends its completion."""
 
-    text: str
+    text: str | None
     stops: list[str]
     stop_ids: frozenset[int]
+    ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -34,41 +38,79 @@ class Prepared:
     prompt_tokens: int
 
 
+_SLOT = "\x1fINPUT\x1f"
+
+
 def _format(target: Target, req: SamplingRequest) -> PromptFormat | None:
-    if req.raw_prompt or target.adapter_path is None:
+    # A prompt sent for scoring (echo) is scored as given: its tokens and their logprobs
+    # come back, and an evaluation reads them by position.
+    if req.raw_prompt or target.adapter_path is None or req.echo_prompt:
         return None
     return target.prompt_format
 
 
+def _wrap_ids(host: ModelText, fmt: PromptFormat, ids: list[int]) -> list[int]:
+    """Token ids wrapped in the format: the format's own text before and after, tokenized
+    apart, around the ids as sent."""
+    before, _, after = render_prompt(fmt, _SLOT, host.render_chat).partition(_SLOT)
+    return host.encode(before) + ids + host.encode(after)
+
+
 def completion_prompts(host: ModelText, target: Target,
                        req: CompletionRequest) -> list[Prompt]:
-    """Each prompt wrapped in the adapter's format (unless ``raw_prompt``)."""
+    """Each prompt wrapped in the adapter's format (unless ``raw_prompt`` or ``echo``)."""
     fmt = _format(target, req)
     user_stops = list(req.stop or [])
-    if fmt is None:
-        return [Prompt(p, user_stops, host.eos_ids) for p in req.prompts]
-    ids = host.eos_ids | (host.chat_end_ids() if fmt.type == "chat" else frozenset())
-    stops = user_stops + stop_sequences(fmt)
-    return [Prompt(render_prompt(fmt, p, host.render_chat), stops, ids) for p in req.prompts]
+    stops = user_stops + (stop_sequences(fmt) if fmt is not None else [])
+    ids = host.eos_ids | (host.chat_end_ids() if fmt is not None and fmt.type == "chat"
+                          else frozenset())
+    prompts = []
+    for p in req.prompts:
+        if isinstance(p, str):
+            text = render_prompt(fmt, p, host.render_chat) if fmt is not None else p
+            prompts.append(Prompt(text, stops, ids))
+        else:
+            check_token_ids(host, p)
+            prompts.append(Prompt(None, stops, ids,
+                                  _wrap_ids(host, fmt, p) if fmt is not None else p))
+    return prompts
+
+
+def check_token_ids(host: ModelText, ids: Iterable[int], param: str = "prompt") -> None:
+    """Raises InvalidRequest for a token id outside the model's vocabulary."""
+    vocabulary = len(host.tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocabulary), None)
+    if bad is not None:
+        raise InvalidRequest(f"{param}: token id {bad} is not in the model's vocabulary "
+                             f"(0-{vocabulary - 1})", param=param)
 
 
 def chat_prompt(host: ModelText, target: Target, req: ChatCompletionRequest) -> Prompt:
     """The conversation as one prompt.
 
     Formats made for one instruction and one input (dolly, phi2-qa, custom) take the last user
-    message as the input; the chat format and base models use the tokenizer's chat template.
+    message as the input; the chat format and base models use the tokenizer's chat template,
+    which also shows the tools (:mod:`engine.tools`).
+
+    Raises:
+        InvalidRequest: no user message for a one-turn format, tools for one.
     """
     try:
-        messages = [{"role": m.role, "content": m.text} for m in req.messages]
+        messages = message_dicts(req.messages)
     except ValueError as e:
         raise InvalidRequest(str(e), param="messages") from e
     fmt = _format(target, req)
     user_stops = list(req.stop or [])
     users = [m["content"] for m in messages if m["role"] == "user"]
     if fmt is not None and (fmt.type != "chat" or (fmt.instruction and len(messages) == 1)):
+        if req.calls_tools:
+            raise InvalidRequest(f"'tools' needs a chat model: this one was trained with the "
+                                 f"one-turn {fmt.type} prompt format", param="tools")
         if not users:
             raise InvalidRequest("messages: no message with role 'user'", param="messages")
         text = render_prompt(fmt, users[-1], host.render_chat)
+    elif req.calls_tools:
+        text = tools.render(host, req)
     else:
         text = host.render_chat(messages, True)
     stops = user_stops + (stop_sequences(fmt) if fmt is not None else [])
@@ -95,12 +137,13 @@ def make_rows(host: ModelText, adapter_name: str | None, prompts: list[Prompt],
         raise InvalidRequest(
             f"{len(prompts)} prompt(s) x n={req.choices} is more than the "
             f"{settings.max_batch_size} sequences this server generates at once", param="n")
+    check_token_ids(host, req.logit_bias or {}, "logit_bias")
     context = host.context_length
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     rows: list[Row] = []
     total = 0
     for prompt in prompts:
-        ids = host.encode(prompt.text)
+        ids = prompt.ids if prompt.ids is not None else host.encode(prompt.text or "")
         if not ids:
             bos = host.tokenizer.bos_token_id
             if bos is None:
@@ -115,7 +158,8 @@ def make_rows(host: ModelText, adapter_name: str | None, prompts: list[Prompt],
                 f"This model's maximum context length is {context} tokens. However, you "
                 f"requested {len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} for "
                 "the completion). Reduce the prompt or max_tokens.", param="max_tokens")
-        budget = limit or min(settings.default_max_tokens, context - len(ids))
+        budget = limit if limit is not None else min(settings.default_max_tokens,
+                                                     context - len(ids))
         total += len(ids)
         for _ in range(req.choices):
             rows.append(Row(
@@ -124,5 +168,11 @@ def make_rows(host: ModelText, adapter_name: str | None, prompts: list[Prompt],
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 seed=(seed + len(rows)) % 2**63, index=len(rows),
+                logprobs=req.top_logprobs_count, echo=req.echo_prompt,
+                prompt_text=(prompt.text if prompt.text is not None
+                             else host.tokenizer.decode(ids)) if req.echo_prompt else "",
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=dict(req.logit_bias or {}),
             ))
     return Prepared(rows, total)

@@ -57,6 +57,7 @@ class ModelText:
             self.context_length = min(self.context_length, max_context)
         self.eos_ids = self._eos_ids()
         self._chat_end: dict[str, frozenset[int]] = {}
+        self._token_texts: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def _eos_ids(self) -> frozenset[int]:
@@ -75,6 +76,13 @@ class ModelText:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (as logprobs show it)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):

@@ -3,12 +3,20 @@
 Both HTTP services install these handlers: the API (``api/main.py``) and the inference engine
 (``engine/app.py``), so a client sees the same error body from either; the API passes
 the engine's errors through unchanged.
+
+A dependency that does not answer (the database, the broker, the storage; told apart from
+other errors by :mod:`shared.dependencies`) is a 503 with ``Retry-After``, never a 500. Those
+errors are answered here, inside the application, rather than by Starlette's last-resort
+handler: that one re-raises after its 500, and uvicorn then closes the connection, so the
+client's next request on it would find no one to answer.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +24,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import LorafleetError
+from shared import dependencies
+from shared.errors import DependencyUnavailable, LorafleetError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +58,54 @@ def _loc(loc: tuple) -> str:
     return ".".join(p for p in parts if not _BRANCH.fullmatch(p))
 
 
+def error_response(exc: LorafleetError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code),
+                        status_code=exc.status, headers=getattr(exc, "headers", None))
+
+
+class OutageLog:
+    """Logs the 503s of an outage: the first of each dependency at once, then one line per
+    ``every`` seconds with how many more there were, so that polling clients do not fill
+    the log while a server restarts."""
+
+    def __init__(self, every: float = 10.0):
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # dependency -> (logged at, since)
+
+    def __call__(self, exc: BaseException, outage: DependencyUnavailable) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged, more = self._last.get(outage.dependency, (-self.every, 0))
+            if now - logged < self.every:
+                self._last[outage.dependency] = (logged, more + 1)
+                return
+            self._last[outage.dependency] = (now, 0)
+        log.warning("answering 503, %s%s", dependencies.describe(exc),
+                    f" ({more} more 503s since the last line)" if more else "")
+
+
+outage_log = OutageLog()
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(LorafleetError)
     async def _domain(_: Request, exc: LorafleetError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code),
-                            status_code=exc.status, headers=getattr(exc, "headers", None))
+        if isinstance(exc, DependencyUnavailable):
+            outage_log(exc, exc)
+        return error_response(exc)
+
+    async def _library(_: Request, exc: Exception) -> JSONResponse:
+        outage = dependencies.unavailable(exc)
+        if outage is None:
+            log.error("unhandled error", exc_info=exc)
+            return JSONResponse(error_body("internal server error", "server_error"),
+                                status_code=500)
+        outage_log(exc, outage)
+        return error_response(outage)
+
+    for error_type in dependencies.library_error_types():
+        app.add_exception_handler(error_type, _library)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session, aliased
 from shared import metrics as prometheus
 from shared import outbox
 from shared.db import RUNNING_LOCK, execute_count, lock_project, session_scope
+from shared.dependencies import log_failure
 from shared.events import add_event
 from shared.ids import now
 from shared.models import Checkpoint, Job, JobAttempt
@@ -543,5 +544,5 @@ def _send(job_id: str, not_before: float | None) -> None:
 
     try:
         enqueue_job(job_id, countdown=not_before - time.time() if not_before else None)
-    except Exception:  # broker down: the job is queued in the database, the sweeper sends it
-        log.warning("could not enqueue %s; the sweeper will", job_id, exc_info=True)
+    except Exception as e:  # broker down: the job is queued in the database, the sweeper sends it
+        log_failure(log, f"could not enqueue {job_id}; the sweeper will", e)

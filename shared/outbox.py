@@ -37,6 +37,7 @@ from standardwebhooks import Webhook
 
 from shared import metrics
 from shared.db import execute_count, session_scope
+from shared.dependencies import log_failure
 from shared.ids import now
 from shared.models import Job, WebhookDelivery, WebhookEndpoint
 from shared.settings import get_settings
@@ -298,8 +299,8 @@ class Dispatcher(threading.Thread):
         while not self.halt.wait(self.interval):
             try:
                 deliver_due(self.halt)
-            except Exception:  # database briefly away: the rows wait for the next round
-                log.warning("webhook delivery pass failed", exc_info=True)
+            except Exception as e:  # database briefly away: the rows wait for the next round
+                log_failure(log, "webhook delivery pass failed", e)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop after the send in flight (its row is claimed again if this one is cut off)."""

@@ -44,6 +44,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
+        # A worker that loses the broker keeps training and reconnects for as long as it
+        # takes; Celery's default gives up after 100 tries (about 45 minutes) and stops the
+        # worker, job and all.
+        "broker_connection_max_retries": None,
         "task_default_queue": settings.queue,
         "task_routes": {RUN_JOB_TASK: {"queue": settings.queue}},
         "task_serializer": "json",

@@ -100,6 +100,15 @@ class Settings(BaseSettings):
         "a cancel shows at once on the API process that took it. 0: read the database every "
         "request.",
     )
+    stale_status_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="While the database cannot be reached, the API still answers a job's "
+        "status (GET /v1/fine_tuning/jobs/{id}) with the last answer it read for the job, if "
+        "that is at most this old, to a key it checked at most this long ago; the answer "
+        "carries the headers X-Lorafleet-Stale: database_unavailable and Age (seconds). "
+        "0: such a request gets 503, as every other request that needs the database.",
+    )
 
     model_cache_seconds: float = Field(
         5.0,
@@ -294,7 +303,8 @@ class Settings(BaseSettings):
     vllm_python: str = Field(
         "",
         description="The Python of an environment with vLLM installed (`make venv-vllm`). "
-        "Empty: .venv-vllm/bin/python under the current folder, if it exists.",
+        "Empty: .venv-vllm/bin/python in the installed project's folder (or beside "
+        "lorafleet's own environment), whatever the current folder.",
     )
     vllm_servers: dict[str, str] = Field(
         {},  # pydantic copies it for each instance

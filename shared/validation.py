@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 
 from shared import lifecycle
 from shared.db import session_scope
+from shared.dependencies import log_failure
 from shared.errors import DependencyUnavailable, LorafleetError
 from shared.files import get_file, open_content
 from shared.lifecycle import JobStatus
@@ -81,13 +82,14 @@ _ONE_AT_A_TIME = threading.Lock()
 
 
 def validate_and_send(job_id: str) -> JobStatus | None:
-    """:func:`check_job_files`, then wake a worker for a job it queued."""
+    """:func:`check_job_files`, then wake a worker for a job it queued. Runs after the
+    response (a background task), so it never raises: what it could not do, the sweeper
+    does."""
     try:
         with _ONE_AT_A_TIME:
             status = check_job_files(job_id)
-    except Exception:  # noqa: BLE001 - the database is away: the sweeper checks it later
-        log.warning("could not validate the files of %s; the sweeper will", job_id,
-                    exc_info=True)
+    except Exception as e:  # noqa: BLE001 - the database is away: the sweeper checks it later
+        log_failure(log, f"could not validate the files of {job_id}; the sweeper will", e)
         return None
     if status == JobStatus.QUEUED:
         send_job(job_id)
@@ -95,14 +97,14 @@ def validate_and_send(job_id: str) -> JobStatus | None:
 
 
 def send_job(job_id: str) -> None:
-    """Wake a worker for a queued job. If the broker is down the job stays ``queued`` and the
-    sweeper sends it once the broker is back."""
+    """Wake a worker for a queued job. If the broker (or the database, to note the send) is
+    away, the job stays ``queued`` and the sweeper sends it once both are back; never
+    raises."""
     from shared.queue import enqueue_job
 
     try:
         enqueue_job(job_id)
-    except Exception:  # noqa: BLE001 - the sweeper re-sends jobs never enqueued
-        log.warning("broker unavailable; %s waits for the sweeper", job_id, exc_info=True)
-        return
-    with session_scope() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=time.time()))
+        with session_scope() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=time.time()))
+    except Exception as e:  # noqa: BLE001 - the sweeper re-sends jobs never enqueued
+        log_failure(log, f"could not send {job_id}; the sweeper will", e)

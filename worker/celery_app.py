@@ -25,6 +25,7 @@ from celery.signals import (
 )
 
 from shared import outbox
+from shared.dependencies import log_failure
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
 from worker import devices
@@ -136,8 +137,8 @@ class Sweeper(threading.Thread):
                 moved = sweep()
                 if moved:
                     log.info("sweeper re-sent %s", ", ".join(moved))
-            except Exception:  # database or broker briefly away: try again next round
-                log.warning("sweep failed", exc_info=True)
+            except Exception as e:  # database or broker briefly away: try again next round
+                log_failure(log, "sweep failed", e)
 
 
 @worker_ready.connect

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import delete
-from sqlalchemy.exc import OperationalError
 
 from modelio.loading import ModelLoadError, load_tokenizer
 from shared import lifecycle, storage
 from shared.db import session_scope
-from shared.errors import InvalidDataset
+from shared.dependencies import describe, log_failure, unavailable
+from shared.errors import DatabaseUnavailable, InvalidDataset
 from shared.files import get_file, open_content, save_result_file
 from shared.ids import fine_tuned_model_name
 from shared.lifecycle import Claim, JobStatus, LeaseLost
@@ -84,8 +84,8 @@ class Heartbeat(threading.Thread):
             sent = time.monotonic()
             try:
                 beat = lifecycle.heartbeat(self.claim.job_id, self.claim.attempt)
-            except Exception:  # a short database outage: keep training, try again
-                log.warning("heartbeat failed for %s", self.claim.job_id, exc_info=True)
+            except Exception as e:  # a short database outage: keep training, try again
+                log_failure(log, f"heartbeat failed for {self.claim.job_id}", e)
                 continue
             if beat.alive:
                 self.renewed = sent
@@ -148,8 +148,8 @@ class JobHooks(Hooks):
         except LeaseLost:
             self.beat.lost.set()
             raise StopTraining("lease lost") from None
-        except OperationalError:
-            if not best_effort:
+        except Exception as e:
+            if not best_effort or not isinstance(unavailable(e), DatabaseUnavailable):
                 raise
             log.warning("database unavailable; progress of %s not recorded", self.claim.job_id)
 
@@ -220,7 +220,7 @@ class JobHooks(Hooks):
         deleted = checkpoints.apply_store_retention(
             storage.get_store(), self.claim.job_id, get_settings().keep_checkpoints,
             protect=[checkpoint.step, best])
-        lifecycle.mark_checkpoints_deleted(self.claim.job_id, deleted)
+        with_db_retry(lifecycle.mark_checkpoints_deleted, self.claim.job_id, deleted)
         if self.wandb is not None:
             self.wandb.on_checkpoint(checkpoint)
 
@@ -257,10 +257,10 @@ def with_db_retry(fn: Callable[..., T], *args: Any, tries: int = 8, **kwargs: An
     for i in range(tries):
         try:
             return fn(*args, **kwargs)
-        except OperationalError:
-            if i == tries - 1:
+        except Exception as e:
+            if i == tries - 1 or not isinstance(unavailable(e), DatabaseUnavailable):
                 raise
-            log.warning("database unavailable; retrying in %.1fs", delay)
+            log.warning("database unavailable (%s); retrying in %.1fs", describe(e), delay)
             time.sleep(delay)
             delay = min(delay * 2, 15)
     raise AssertionError("unreachable")
@@ -273,8 +273,8 @@ def _give_up_lease(claim: Claim, step: int) -> None:
         lifecycle.release(claim.job_id, claim.attempt, count_failure=True, step=step or None,
                           reason=f"Attempt {claim.attempt} could not renew its lease")
         lifecycle.end_attempt(claim.job_id, claim.attempt, "fenced")
-    except Exception:  # noqa: BLE001 - the database is away: the sweeper re-queues the job
-        log.warning("could not give %s back", claim.job_id, exc_info=True)
+    except Exception as e:  # noqa: BLE001 - the database is away: the sweeper re-queues the job
+        log_failure(log, f"could not give {claim.job_id} back", e)
 
 
 def _resume_point(claim: Claim) -> tuple[int, Path] | None:
@@ -349,13 +349,8 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
                      event=f"Resumed from checkpoint-{step} on attempt {claim.attempt}",
                      event_data={"step": step, "attempt": claim.attempt})
 
-    with session_scope() as s:
-        train_row = get_file(s, spec.training_file, claim.project)
-        valid_row = (get_file(s, spec.validation_file, train_row.project)
-                     if spec.validation_file else None)
-        train_path, train_hash = open_content(train_row), train_row.sha256
-        valid_path = open_content(valid_row) if valid_row else None
-        valid_hash = valid_row.sha256 if valid_row else None
+    (train_path, train_hash), valid = with_db_retry(_input_files, claim.project, spec)
+    valid_path, valid_hash = valid if valid else (None, None)
 
     hooks.wandb = _wandb_run(claim, spec, hooks)
     tokenizer = load_tokenizer(spec.model)
@@ -409,11 +404,21 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     best = checkpoints.step_of(result.best_checkpoint) if result.best_checkpoint else None
     deleted = checkpoints.apply_store_retention(store, claim.job_id, settings.keep_checkpoints,
                                                 protect=[best])
-    lifecycle.mark_checkpoints_deleted(claim.job_id, deleted)
+    with_db_retry(lifecycle.mark_checkpoints_deleted, claim.job_id, deleted)
     # What earlier attempts left unrecorded (a step saved again replaces its record).
     checkpoints.clean_store(store, claim.job_id, claim.attempt,
                             [r.key for r in checkpoints.recorded(claim.job_id)])
     return "succeeded"
+
+
+def _input_files(project: str, spec: TrainingSpec
+                 ) -> tuple[tuple[Path, str], tuple[Path, str] | None]:
+    """The training file's and the validation file's content paths and sha256."""
+    with session_scope() as s:
+        train = get_file(s, spec.training_file, project)
+        valid = get_file(s, spec.validation_file, project) if spec.validation_file else None
+        return ((open_content(train), train.sha256),
+                (open_content(valid), valid.sha256) if valid else None)
 
 
 def _wandb_run(claim: Claim, spec: TrainingSpec, hooks: JobHooks) -> WandbRun | None:

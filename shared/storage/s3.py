@@ -229,6 +229,10 @@ class S3Store(Store):
             raise ValueError(f"{url} is outside the storage {self.url('')}")
         return path[len(base):]
 
+    def check(self) -> None:
+        with _errors("the bucket"):
+            self.client.head_bucket(Bucket=self.bucket)
+
     def put_bytes(self, key: str, data: bytes) -> None:
         with _errors(key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

@@ -251,7 +251,7 @@ def test_misses_at_the_same_time_share_one_read(
         await until(lambda: bool(calls))
         await asyncio.sleep(0.05)  # time for more reads to start, were they not shared
         release.set()
-        return await asyncio.gather(*waiting)
+        return [answer.body for answer in await asyncio.gather(*waiting)]
 
     assert asyncio.run(many()) == [b"{}"] * 20
     assert calls == ["ftjob-a"]
@@ -281,7 +281,7 @@ def test_a_write_during_a_shared_read_starts_a_new_one(
         cache.forget("ftjob-a")
         late = await cache.answer("ftjob-a", "p")  # must not wait for the read before the write
         release.set()
-        return await early, late
+        return (await early).body, late.body
 
     assert asyncio.run(scenario()) == (b"before", b"after")
 
@@ -308,6 +308,41 @@ def test_an_answer_past_half_its_life_is_read_again_in_the_background(
         assert len(cache._flights) == 1
         release.set()
         await until(lambda: not cache._flights)
-        return [first, second, await cache.answer("ftjob-a", "p")]
+        return [a.body for a in (first, second, await cache.answer("ftjob-a", "p"))]
 
     assert asyncio.run(scenario()) == [b"old", b"old", b"new"]
+
+
+def test_the_last_answer_outlives_its_ttl_until_a_write(ttl: float) -> None:
+    """What a status route may serve, marked stale, while the database is away."""
+    clock = FakeClock()
+    cache = StatusCache(clock=clock)
+    cache.put("ftjob-a", "p", b"running", clock())
+    clock.advance(2 * ttl)
+
+    expired = cache.get("ftjob-a", "p")
+    kept = cache.last("ftjob-a", 3 * ttl)
+    too_old = cache.last("ftjob-a", ttl)
+    cache.forget("ftjob-a")  # a cancel through this process
+    after_write = cache.last("ftjob-a", 3 * ttl)
+
+    assert expired is None
+    assert kept == (("p", b"running"), 2 * ttl)
+    assert too_old is None
+    assert after_write is None
+
+
+def test_a_read_from_before_a_write_never_becomes_the_last_answer(ttl: float) -> None:
+    clock = FakeClock()
+    cache = StatusCache(clock=clock)
+    began = clock()
+    clock.advance(2 * ttl)  # a read slower than the TTL: still worth keeping as the last
+    cache.put("ftjob-a", "p", b"queued", began)
+    assert cache.last("ftjob-a", 3 * ttl) == (("p", b"queued"), 2 * ttl)
+    began = clock()
+    clock.advance(0.001)
+    cache.forget("ftjob-a")
+
+    cache.put("ftjob-a", "p", b"running", began)
+
+    assert cache.last("ftjob-a", 3 * ttl) is None

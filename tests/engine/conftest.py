@@ -55,6 +55,29 @@ def reference(tiny_model: Path) -> Callable[..., list[int]]:
     return generate
 
 
+@pytest.fixture(scope="session")
+def reference_logprobs(tiny_model: Path) -> Callable[..., Any]:
+    """``reference_logprobs(adapter, ids)``: the log-softmax that transformers + peft compute
+    in float32 after each token of ``ids`` (row i predicts token i + 1), with
+    ``PeftModel.from_pretrained`` (the bare base model for ``adapter=None``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    models: dict[Path | None, Any] = {}
+
+    @torch.inference_mode()
+    def score(adapter: Path | None, ids: list[int]) -> Any:
+        if adapter not in models:
+            model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, str(adapter))
+            models[adapter] = model.eval()
+        logits = models[adapter](input_ids=torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    return score
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread: with tiny matrices, thread hand-offs cost more than they save, and

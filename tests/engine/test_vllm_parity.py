@@ -147,7 +147,8 @@ def test_greedy_choices_are_generated_once_and_copied() -> None:
 
 
 def test_the_stop_token_is_not_counted_as_the_built_in_engine_counts() -> None:
-    upstream = relay.Upstream({}, 0, 1, frozenset({0}))
+    upstream = relay.Upstream({}, 0, 1, Row(prompt_ids=[1], max_new_tokens=5, adapter="a",
+                                            stop_ids=frozenset({0})))
     upstream.tokens[0] = [4, 9, 0]
     assert relay.completion_tokens(upstream, 0, "stop", None) == 2  # ended by eos
     assert relay.completion_tokens(upstream, 0, "stop", 0) == 2  # by a stop token id

@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -444,3 +445,65 @@ def test_auto_falls_back_to_the_built_in_engine_without_vllm(
                                vllm_servers='{"/models/m": "http://10.0.0.1:8000"}')
     assert isinstance(build_engine(servers), VllmEngine)
     assert isinstance(build_engine(settings_env(engine_backend="builtin")), Engine)
+
+
+def test_the_vllm_environment_is_found_beside_the_project_from_any_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from engine.vllm.servers import find_vllm_python, vllm_python_candidates
+    from tests.support.processes import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    project_env = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    assert vllm_python_candidates(Settings())[0][0] == project_env
+    python, why = find_vllm_python(Settings())
+    if project_env.is_file():
+        assert python == str(project_env) and "the project's folder" in why
+    else:
+        assert python is None and str(project_env) in why
+    # A configured one is the only one looked at.
+    assert vllm_python_candidates(Settings(vllm_python="/opt/x/python")) == [
+        (Path("/opt/x/python"), "LORAFLEET_VLLM_PYTHON")]
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / ".venv-vllm/bin/python").is_file()
+                    and not os.environ.get("CI"), reason="no .venv-vllm (`make venv-vllm`)")
+def test_serve_started_in_another_folder_serves_with_vllm_and_says_why(
+    started_app: Callable[..., Any], tmp_path: Path,
+) -> None:
+    """`lorafleet serve` started outside the project's folder still finds `make venv-vllm`'s
+    environment; its /health, the API's /health and its console say which engine serves."""
+    from bench.serving_latency import stop_engine
+    from tests.support.processes import free_port, service_env
+
+    port = free_port()
+    log_path = tmp_path / "engine.log"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = service_env({"LORAFLEET_STORAGE_DIR": str(tmp_path / "storage"),
+                       "LORAFLEET_ENGINE_PORT": str(port)})
+    lorafleet = str(Path(sys.executable).parent / "lorafleet")
+    with log_path.open("wb") as log:
+        engine = subprocess.Popen([lorafleet, "serve"], cwd=elsewhere, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)
+    try:
+        health = None
+        deadline = time.monotonic() + 120
+        while health is None and time.monotonic() < deadline and engine.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health is not None, log_path.read_text(errors="replace")
+        assert health["backend"] == "vllm", health
+        assert ".venv-vllm" in health["backend_reason"]
+        assert "generating with vLLM" in log_path.read_text(errors="replace")
+        api = started_app(engine_url=f"http://127.0.0.1:{port}")
+        engine_health = api.get("/health").json()["engine"]
+        assert engine_health["status"] == "ok" and engine_health["backend"] == "vllm"
+        assert engine_health["reason"] == health["backend_reason"]
+    finally:
+        stop_engine(engine)
+    # Without an engine the API still answers, and says so.
+    assert api.get("/health").json()["engine"]["status"] == "unavailable"

@@ -8,19 +8,17 @@ processes. Timings are short (``FAST_LEASE``) so that a lost worker is noticed i
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.backends import EMBEDDED
-from tests.support.stack import Stack, free_port
+from tests.support.servers import PrivateRedis
+from tests.support.stack import Stack
 
 HERE = Path(__file__).resolve().parent
 # Lease timings of the resilience stacks: a worker is declared lost after 5 s of silence.
@@ -175,61 +173,11 @@ def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 # --------------------------------------------------------------------------- private Redis
-@dataclass
-class PrivateRedis:
-    """A ``redis-server`` of this test alone (no persistence, like a cache node restarted)."""
-
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        import redis
-
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        try:
-            wait_until(lambda: _pings(client), timeout=10, what="redis-server")
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        """Kill it: every queued message is gone, as after a crash of a non-persistent node."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart(self, down_for: float = 1.0) -> None:
-        self.stop()
-        time.sleep(down_for)
-        self.start()
-
-
-def _pings(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-
-
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
     """A fresh ``redis-server`` on a free port for one module; never the shared one."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(free_port(), tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with PrivateRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 # --------------------------------------------------------------------------- slow saves

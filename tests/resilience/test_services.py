@@ -24,7 +24,6 @@ from shared import storage
 from shared.storage import folders
 from tests.resilience.conftest import (
     JOB,
-    PrivateRedis,
     assert_never_concurrent,
     attempts,
     ensure_workers,
@@ -45,6 +44,7 @@ from tests.support import (
     wait_for_status,
 )
 from tests.support.backends import postgres_url
+from tests.support.servers import PrivateRedis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.postgres]
 

@@ -16,6 +16,8 @@ from shared.storage.s3 import PART_BYTES
 
 
 def test_small_objects_are_written_read_and_replaced_whole(store: Store) -> None:
+    store.put_bytes("first", b"")
+    store.check()  # answers and can be written
     assert not store.exists("a/b.json")
     store.put_bytes("a/b.json", b"one")
     store.put_bytes("a/b.json", b"two")
@@ -101,7 +103,7 @@ def test_a_store_nobody_answers_is_unavailable(tmp_path: Path,
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     down = make_store("s3://bucket/p", endpoint_url=f"http://127.0.0.1:{free_port()}",
                       path_style=True)
-    for call in (lambda: down.get_bytes("k"), lambda: down.exists("k"),
+    for call in (down.check, lambda: down.get_bytes("k"), lambda: down.exists("k"),
                  lambda: down.create("k", b"x"), lambda: down.list("p/"),
                  lambda: down.upload_file(tmp_path / "f", "k")):
         (tmp_path / "f").write_bytes(b"x")
@@ -113,5 +115,7 @@ def test_a_folder_that_cannot_be_written_is_unavailable(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_bytes(b"")
     store = make_store(f"file://{blocker}")
+    with pytest.raises(StorageUnavailable):
+        store.check()
     with pytest.raises(StorageUnavailable):
         store.put_bytes("files/x", b"data")
