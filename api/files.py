@@ -214,7 +214,8 @@ def list_files(
 
 
 def delete_file(session: Session, file_id: str, project: str = "default") -> None:
-    """Delete a file unless an unfinished job still needs it (409)."""
+    """Delete a file (and the tokenized data sets built from it) unless an unfinished job
+    still needs it (409)."""
     row = get_file(session, file_id, project)
     busy = session.scalar(
         select(Job.id).where(
@@ -226,4 +227,8 @@ def delete_file(session: Session, file_id: str, project: str = "default") -> Non
         raise Conflict(f"file {file_id} is used by unfinished job {busy}", param="file_id")
     session.delete(row)
     session.flush()
-    storage.get_store().delete([row.path])
+    store = storage.get_store()
+    store.delete([row.path])
+    if session.scalar(select(File.id).where(File.sha256 == row.sha256).limit(1)) is None:
+        # The last file of this content: the data sets tokenized from it go too.
+        store.delete_prefix(storage.dataset_cache_prefix(row.sha256))

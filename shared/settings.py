@@ -310,7 +310,8 @@ class Settings(BaseSettings):
         {},  # pydantic copies it for each instance
         description='vLLM servers started by someone else, as JSON {"<base model>": "<url>"}: '
         "used instead of starting one. They must run with --enable-lora, "
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and see the storage folder at the same path.",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and see the engine's cache folder "
+        "(LORAFLEET_CACHE_DIR, where it fetches adapters to) at the same path.",
     )
     vllm_max_servers: int = Field(
         2, ge=1, description="Most vLLM servers (base models) running at once; starting one "

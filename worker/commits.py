@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
 
@@ -43,8 +44,10 @@ from shared.storage import folders
 from worker.training import CheckpointInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRY_SECONDS = 300.0  # how long a commit rides out an unavailable store or database
+SETUP_SECONDS = 60.0  # ... and an attempt's start (its cleanup, its inputs, its resume point)
 MAX_BACKOFF = 15.0
 
 
@@ -52,10 +55,10 @@ class CommitFailed(Exception):
     """A checkpoint could not be committed in time; the attempt fails and is retried."""
 
 
-def with_backoff(fn: Callable[[], object], what: str, *, budget: float = RETRY_SECONDS,
-                 stopped: Callable[[], bool] = lambda: False) -> None:
-    """Call ``fn`` until it succeeds, waiting longer after each failure of an unavailable
-    store or database, for up to ``budget`` s (or until ``stopped()``).
+def with_backoff(fn: Callable[[], T], what: str, *, budget: float = RETRY_SECONDS,
+                 stopped: Callable[[], bool] = lambda: False) -> T:
+    """``fn()``, called again after each failure of an unavailable store or database, waiting
+    longer each time, for up to ``budget`` s (or until ``stopped()``).
 
     Raises:
         CommitFailed: still failing after ``budget`` s.
@@ -63,8 +66,7 @@ def with_backoff(fn: Callable[[], object], what: str, *, budget: float = RETRY_S
     delay, deadline = 0.5, time.monotonic() + budget
     while True:
         try:
-            fn()
-            return
+            return fn()
         except (StorageUnavailable, OperationalError) as e:
             if time.monotonic() + delay > deadline or stopped():
                 raise CommitFailed(f"{what}: storage or database unavailable for "

@@ -138,7 +138,8 @@ def prepare(
         InvalidDataset: a bad record, or no example shorter than ``max_length``.
     """
     key = fingerprint(spec, tokenizer, [train_hash, valid_hash or ""])
-    cached = _load_cached(key)
+    folder = storage.dataset_cache_key(train_hash, key)
+    cached = _load_cached(folder)
     if cached is not None:
         return cached
 
@@ -159,36 +160,35 @@ def prepare(
             )
     meta = {"examples": len(train), "dropped": dropped,
             "validation": len(valid) if valid is not None else None}
-    _store_cached(key, train, valid, meta)
+    _store_cached(folder, train, valid, meta)
     return Prepared(train, valid, len(train), dropped, meta["validation"], False)
 
 
-def _load_cached(key: str) -> Prepared | None:
+def _load_cached(folder: str) -> Prepared | None:
     """The data sets an earlier attempt built with the same fingerprint, from storage."""
     try:
-        folder = storage.get_cache().folder(storage.get_store(), storage.dataset_cache_key(key))
-        meta = json.loads((folder / "meta.json").read_text())
-        train = load_from_disk(str(folder / "train"))
-        valid = load_from_disk(str(folder / "validation")) if meta["validation"] else None
+        local = storage.get_cache().folder(storage.get_store(), folder)
+        meta = json.loads((local / "meta.json").read_text())
+        train = load_from_disk(str(local / "train"))
+        valid = load_from_disk(str(local / "validation")) if meta["validation"] else None
     except (ObjectMissing, DamagedFolder, StorageUnavailable, OSError, ValueError, KeyError):
         return None  # not built yet, or unreadable: build it (again)
     return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True)
 
 
-def _store_cached(key: str, train: Dataset, valid: Dataset | None,
+def _store_cached(folder: str, train: Dataset, valid: Dataset | None,
                   meta: dict[str, Any]) -> None:
     """Keep the data sets for later attempts. Built locally, then committed in storage; two
     attempts building the same set at once each write their own files, and the first commit
     wins (theirs are identical). A store that cannot take it costs the cache, not the job."""
-    work = storage.get_cache().workspace("datasets", f"{key}.{os.getpid()}.{uuid.uuid4().hex}")
+    work = storage.get_cache().workspace("datasets", f"{os.getpid()}.{uuid.uuid4().hex}")
     try:
         train.save_to_disk(str(work / "train"))
         if valid is not None:
             valid.save_to_disk(str(work / "validation"))
         (work / "meta.json").write_text(json.dumps(meta))
-        folders.commit_folder(storage.get_store(), work, storage.dataset_cache_key(key),
-                              base=uuid.uuid4().hex)
+        folders.commit_folder(storage.get_store(), work, folder, base=uuid.uuid4().hex)
     except (folders.AlreadyCommitted, StorageUnavailable) as e:
-        log.info("preprocessed data %s not cached: %s", key, e)
+        log.info("preprocessed data %s not cached: %s", folder, e)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,7 @@ from shared.settings import get_settings
 from shared.storage import folders
 from worker import checkpoints
 from worker import metrics as worker_metrics
-from worker.commits import Committer, with_backoff
+from worker.commits import SETUP_SECONDS, Committer, with_backoff
 from worker.evaluation import record_evaluation
 from worker.preprocess import prepare
 from worker.training import (
@@ -334,14 +334,17 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     spec = TrainingSpec.model_validate(claim.spec)
     store = storage.get_store()
     ckpt_root = hooks.ckpt_root
-    leftovers = checkpoints.clean_store(store, claim.job_id, claim.attempt,
-                                        [r.key for r in checkpoints.recorded(claim.job_id)])
+    # A store or database that is away for a moment delays the start; it costs no attempt.
+    leftovers = with_backoff(lambda: checkpoints.clean_store(
+        store, claim.job_id, claim.attempt, [r.key for r in checkpoints.recorded(claim.job_id)]),
+        f"cleaning up after earlier attempts of {claim.job_id}", budget=SETUP_SECONDS)
     if leftovers:
         log.info("job %s: removed %s", claim.job_id, leftovers)
         hooks.write(event="Removed checkpoint folders that earlier attempts left uncommitted "
                           "or unrecorded: " + ", ".join(leftovers),
                     event_data={"removed": leftovers})
-    resumed = _resume_point(claim)
+    resumed = with_backoff(lambda: _resume_point(claim), f"fetching the resume point of "
+                           f"{claim.job_id}", budget=SETUP_SECONDS)
     resume = resumed[1] if resumed is not None else None
     if resumed is not None:
         step = resumed[0]
@@ -349,7 +352,9 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
                      event=f"Resumed from checkpoint-{step} on attempt {claim.attempt}",
                      event_data={"step": step, "attempt": claim.attempt})
 
-    (train_path, train_hash), valid = with_db_retry(_input_files, claim.project, spec)
+    (train_path, train_hash), valid = with_backoff(
+        lambda: with_db_retry(_input_files, claim.project, spec),
+        f"fetching the files of {claim.job_id}", budget=SETUP_SECONDS)
     valid_path, valid_hash = valid if valid else (None, None)
 
     hooks.wandb = _wandb_run(claim, spec, hooks)

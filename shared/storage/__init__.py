@@ -8,7 +8,8 @@ ids the service generated)::
     files/<file id>.jsonl                    an upload (a results file: .csv)
     jobs/<job id>/attempt-<n>/checkpoint-<step>/   a checkpoint, committed by its manifest
     jobs/<job id>/attempt-<n>/adapter/       a job's final adapter, committed by its manifest
-    cache/datasets/<fingerprint>/            a tokenized data set, committed by its manifest
+    cache/datasets/<file sha256>/<fingerprint>/   a tokenized data set, committed by its
+                                             manifest (deleted with its training file)
 
 An attempt writes only under its own ``attempt-<n>/``, so no attempt ever overwrites
 another's objects: one that lost its lease can at worst leave a folder that its job's next
@@ -27,7 +28,8 @@ from shared.storage.cache import NodeCache
 from shared.storage.folders import MANIFEST
 
 __all__ = ["COMPLETE_MARKER", "MANIFEST", "NodeCache", "ObjectMissing", "Store", "StoreWriter",
-           "adapter_key", "attempt_prefix", "checkpoint_key", "dataset_cache_key", "file_key",
+           "adapter_key", "attempt_prefix", "checkpoint_key", "dataset_cache_key",
+           "dataset_cache_prefix", "file_key",
            "get_cache", "get_store", "job_prefix", "join", "local_folder", "make_store",
            "parse_checkpoint_key"]
 
@@ -101,8 +103,14 @@ def adapter_key(job_id: str, attempt: int) -> str:
     return f"{attempt_prefix(job_id, attempt)}/adapter"
 
 
-def dataset_cache_key(fingerprint: str) -> str:
-    return f"cache/datasets/{fingerprint}"
+def dataset_cache_prefix(train_sha256: str) -> str:
+    """The tokenized data sets built from one training file's content (with its trailing
+    ``/``): deleted with the last file of that content."""
+    return f"cache/datasets/{train_sha256}/"
+
+
+def dataset_cache_key(train_sha256: str, fingerprint: str) -> str:
+    return dataset_cache_prefix(train_sha256) + fingerprint
 
 
 def parse_checkpoint_key(key: str) -> tuple[str, int, int] | None:

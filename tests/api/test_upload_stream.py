@@ -18,8 +18,10 @@ from fastapi.testclient import TestClient
 from api.auth import create_key
 from shared import storage
 from shared.db import session_scope
+from shared.storage import folders
 from shared.storage.s3 import PART_BYTES
 from tests.support.seaweedfs import SeaweedFS
+from tests.support.stored import commit_files
 
 BOUNDARY = "lorafleet-test-boundary"
 LINE = json.dumps({"prompt": "Summarize: " + "the cat sat on the mat " * 20,
@@ -137,3 +139,19 @@ def test_a_file_over_the_limit_keeps_nothing(api: tuple[TestClient, dict[str, st
 
     assert answer.status_code == 413 and answer.json()["error"]["param"] == "file"
     assert nothing_kept()
+
+
+def test_data_sets_tokenized_from_a_file_go_with_its_last_copy(
+        api: tuple[TestClient, dict[str, str]]) -> None:
+    client, headers = api
+    first, second = (post(api, form(("file", n, LINE.encode()))).json() for n in "ab")
+    assert first["id"] != second["id"]  # the same content, twice
+    cache = storage.dataset_cache_key(hashlib.sha256(LINE.encode()).hexdigest(), "fp")
+    commit_files(cache, {"meta.json": "{}"})
+
+    client.delete(f"/v1/files/{first['id']}", headers=headers)
+    kept = folders.exists(storage.get_store(), cache)
+    client.delete(f"/v1/files/{second['id']}", headers=headers)
+
+    assert kept  # the other copy may still train
+    assert storage.get_store().list("files/") == storage.get_store().list("cache/") == []

@@ -203,6 +203,13 @@ def save_gate_env(gate: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "LORAFLEET_TEST_SAVE_GATE": str(gate)}
 
 
+def commit_gate_env(gate: Path) -> dict[str, str]:
+    """:func:`save_gate_env`, and the commit of checkpoint N to storage held while
+    ``gate/hold-commit-N`` exists, its files uploaded and its manifest not yet written
+    (``gate/waiting-commit-N`` appears once the worker is held there)."""
+    return {**save_gate_env(gate), "LORAFLEET_TEST_COMMIT_GATE": str(gate)}
+
+
 def kill_owner(stack: Stack, job_id: str, sig: int = signal.SIGKILL, *,
                replace: bool = True) -> int:
     """SIGKILL (or ``sig``) the whole worker that trains ``job_id``; returns its index.

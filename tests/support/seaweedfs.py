@@ -36,8 +36,10 @@ from tests.support.backends import unavailable
 ACCESS_KEY = "lorafleet-test"
 SECRET_KEY = "lorafleet-test-secret"
 REGION = "us-east-1"
+# Credentials, region and retries as a deployment gives them (the compose file's values): a
+# store that does not answer costs a request a few seconds, not botocore's legacy five tries.
 AWS_ENV = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-           "AWS_DEFAULT_REGION": REGION}
+           "AWS_DEFAULT_REGION": REGION, "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "3"}
 # Each component listens on its port and on its port + 10000 (gRPC): both must be free.
 GRPC_OFFSET = 10000
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")
@@ -82,7 +84,7 @@ class SeaweedFS:
         startup_timeout: seconds to wait for it to store an object after it started.
     """
 
-    def __init__(self, root: Path, *, startup_timeout: float = 60.0):
+    def __init__(self, root: Path, *, startup_timeout: float = 300.0):
         self.root = Path(root)
         self.data = self.root / "data"
         self.log_path = self.root / "weed.log"
