@@ -210,6 +210,7 @@ class NodeCache:
             if total > self.max_bytes:
                 log.info("node cache %s holds %d bytes, over its limit of %d: every entry is "
                          "in use", self.root, total, self.max_bytes)
+        self.clean_tmp()
         return removed
 
     def clean_tmp(self, older_than: float = 3600.0) -> None:
