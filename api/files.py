@@ -4,6 +4,7 @@ listing; deletion."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class StagedUpload:
         self.writer.abort()
 
 
-def stage_upload(chunks: Iterable[bytes]) -> StagedUpload:
+def stage_upload(chunks: Iterable[bytes | bytearray]) -> StagedUpload:
     """Send an upload's chunks to storage as they come (in parts: never the whole file in
     memory), hashing, counting and validating every line on the way.
 
@@ -82,7 +83,7 @@ def stage_upload(chunks: Iterable[bytes]) -> StagedUpload:
     key = storage.file_key(file_id)
     digest, size = hashlib.sha256(), 0
 
-    def counted(writer: StoreWriter) -> Iterator[bytes]:
+    def counted(writer: StoreWriter) -> Iterator[bytes | bytearray]:
         nonlocal size
         for chunk in chunks:
             size += len(chunk)
@@ -103,17 +104,21 @@ def stage_upload(chunks: Iterable[bytes]) -> StagedUpload:
     return StagedUpload(file_id, key, writer, size, digest.hexdigest(), summary)
 
 
-def split_lines(chunks: Iterable[bytes], max_record_chars: int) -> Iterator[bytes]:
-    """The lines of a stream of chunks, each with its ``\n`` (as a file's lines are). A line
+def split_lines(chunks: Iterable[bytes | bytearray], max_record_chars: int
+                ) -> Iterator[bytes]:
+    """The lines of a stream of chunks, each with its ``\\n`` (as a file's lines are). A line
     that is already too long for any record is passed on cut at the limit rather than held
     whole: its check refuses it."""
     limit = 4 * max_record_chars + 4  # UTF-8 takes at most 4 bytes a character
     pending = b""
     for chunk in chunks:
-        pieces = (pending + chunk).split(b"\n")
-        pending = pieces.pop()
-        for piece in pieces:
-            yield piece + b"\n"
+        # BytesIO splits at "\n" only (as a file does), in C.
+        for line in io.BytesIO(pending + chunk if pending else chunk):
+            if line.endswith(b"\n"):
+                yield line
+                pending = b""
+            else:
+                pending = line
         if len(pending) > limit:
             cut = limit
             while cut > 0 and pending[cut] & 0xC0 == 0x80:  # not inside a character

@@ -53,15 +53,15 @@ class _Feed:
     """The file's bytes on their way from the event loop to the storage thread."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_BATCHES)
+        self.queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUE_BATCHES)
         self.batch = bytearray()
         self.job: Future[files.StagedUpload] | None = None
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterator[bytes | bytearray]:
         while (chunk := self.queue.get()) is not None:
             yield chunk
 
-    async def put(self, item: bytes | None) -> None:
+    async def put(self, item: bytes | bytearray | None) -> None:
         """Hand ``item`` to the thread, waiting (off the event loop) while the queue is full;
         dropped once the thread has stopped (it refused the file: the rest is not needed)."""
         while self.job is not None and not self.job.done():
@@ -93,8 +93,8 @@ class _Feed:
 
     async def flush(self, at_least: int = 1) -> None:
         if len(self.batch) >= at_least:
-            data, self.batch = bytes(self.batch), bytearray()
-            await self.put(data)
+            data, self.batch = self.batch, bytearray()
+            await self.put(data)  # handed over, never written to again: no copy
 
 
 class _Form:

@@ -37,7 +37,7 @@ class StoreWriter(ABC):
     Used as a context manager, an exception aborts the write and leaves nothing behind."""
 
     @abstractmethod
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | bytearray) -> None: ...
 
     @abstractmethod
     def commit(self) -> None:

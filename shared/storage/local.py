@@ -69,7 +69,7 @@ class _FileWriter(StoreWriter):
             self.tmp = _temp_beside(path)
             self.file: BinaryIO | None = self.tmp.open("wb")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         assert self.file is not None, "write after commit or abort"
         with _errors(str(self.path), write=True):
             self.file.write(data)

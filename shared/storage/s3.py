@@ -99,7 +99,7 @@ class _MultipartWriter(StoreWriter):
         self.pool: ThreadPoolExecutor | None = None
         self.done = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         assert not self.done, "write after commit or abort"
         self.buffer += data
         while len(self.buffer) >= PART_BYTES:
@@ -210,7 +210,13 @@ class S3Store(Store):
                         s3={"addressing_style": "path" if self.path_style else "auto"},
                         # Short: an unreachable store answers 503 in seconds, not minutes.
                         connect_timeout=5, read_timeout=60,
-                        max_pool_connections=4 * CONCURRENCY)
+                        max_pool_connections=4 * CONCURRENCY,
+                        # Checksums only where S3 requires them (DeleteObjects): lorafleet
+                        # checks every object itself (a file row's and a manifest's sha256),
+                        # and the CRC32 trailers boto3 sends by default since 1.36 are refused
+                        # or mishandled by several S3-compatible stores.
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required")
                     self._client = boto3.session.Session().client(
                         "s3", endpoint_url=self.endpoint_url, config=config)
                     self._pid = os.getpid()
