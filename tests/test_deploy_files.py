@@ -587,9 +587,14 @@ def test_the_vllm_service_runs_the_flags_the_engine_gives_its_own_servers(
     settings = engine_settings(services, monkeypatch)
     servers = ServerManager(settings, "python", ROOT, client=None, cpu=False)  # type: ignore[arg-type]
     text = SimpleNamespace(name="org/model", context_length=settings.vllm_max_model_len)
-    managed = {a for a in servers.command(text, 1234) if a.startswith("--")}  # type: ignore[arg-type]
+    command = servers.command(text, 1234)  # type: ignore[arg-type]
+    managed = {a for a in command if a.startswith("--")}
     assert "--enforce-eager" not in managed  # CUDA graphs on a GPU
-    assert managed - {"--dtype"} <= set(vllm_flags(services["vllm"]))
+    flags = vllm_flags(services["vllm"])
+    assert managed - {"--dtype"} <= set(flags)
+    # Settings that change answers, not only resources, have the same value on both.
+    structured = command[command.index("--structured-outputs-config") + 1]
+    assert json.loads(flags["--structured-outputs-config"] or "") == json.loads(structured)
 
 
 def test_vllm_sees_the_engine_cache_read_only_and_publishes_nothing(

@@ -315,11 +315,16 @@ class Stack:
         return secret
 
     def openai(self, key: str | None = None, **kwargs: Any):  # type: ignore[no-untyped-def]
-        """An ``openai.OpenAI`` client for this stack (no retries: tests see every error)."""
+        """An ``openai.OpenAI`` client for this stack (no retries: tests see every error).
+
+        It waits as long as the API waits for the engine (``engine_timeout_seconds``): an
+        inference request may start a vLLM server, or restart one at a higher LoRA rank,
+        which takes minutes on a loaded machine; a hang is still caught by pytest's timeout.
+        """
         import openai
 
         kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 60)
+        kwargs.setdefault("timeout", 600)
         client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key or self.key,
                                **kwargs)
         self._clients.append(client)
