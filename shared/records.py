@@ -25,10 +25,11 @@ Errors name the line: ``line N: ...`` for an upload (its one ``file``), ``traini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
@@ -272,7 +273,7 @@ def _check_one_turn(chat: Chat, prompt_format: RecordFormat) -> None:
 
 
 def iter_examples(
-    path: Path,
+    path: Path | Iterable[bytes],
     *,
     column_map: dict[str, str] | None = None,
     prompt_format: RecordFormat | None = None,
@@ -280,8 +281,9 @@ def iter_examples(
     max_lines: int | None = None,
     max_record_chars: int | None = None,
 ) -> Iterator[tuple[int, Example]]:
-    """Read a JSONL file one line at a time and yield ``(line number, example)`` for each record
-    (non-blank line), checked by :func:`validate_record`.
+    """Read a JSONL file (a path, or its lines as they arrive) one line at a time and yield
+    ``(line number, example)`` for each record (non-blank line), checked by
+    :func:`validate_record`.
 
     Without a prompt format the first record's shape binds the file: every later record must
     have the same shape. With one, each record's shape is detected on its own.
@@ -299,7 +301,7 @@ def iter_examples(
     """
     where = _where(param)
     file_shape: str | None = None
-    with path.open("rb") as f:
+    with path.open("rb") if isinstance(path, Path) else contextlib.nullcontext(path) as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -323,7 +325,7 @@ def iter_examples(
 
 
 def validate_file(
-    path: Path,
+    path: Path | Iterable[bytes],
     *,
     column_map: dict[str, str] | None = None,
     prompt_format: RecordFormat | None = None,

@@ -331,7 +331,10 @@ class JobPublic(BaseModel):
     attempt: int
     resumed_from_step: int | None = None
     last_good_checkpoint_step: int | None = None
-    adapter_path: str | None = None
+    adapter_path: str | None = Field(
+        None, description="Where the final adapter lies (PEFT layout, plus lorafleet.json), as "
+        "a storage URL: a local path on file:// storage, s3://bucket/prefix/... on S3. Its "
+        "folder holds lorafleet-complete.json, the manifest of its files with their sha256.")
     initial_model: str | None = Field(
         None, description="The fine-tuned model or checkpoint this job continued training from.")
     fine_tuned_model_deleted_at: int | None = Field(

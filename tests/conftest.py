@@ -15,6 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.seaweedfs import AWS_ENV, s3_bucket, seaweedfs  # noqa: F401 - fixtures
+
+# The test S3 server's credentials, through the standard AWS variables: every store this
+# process or a service it starts makes reads them (never real AWS credentials in tests).
+os.environ.update(AWS_ENV)
 from tests.support.stack import LIVE_STACKS, Stack, StackFactory
 
 
@@ -62,17 +67,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # --------------------------------------------------------------------------- stacks
 @pytest.fixture
-def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+def make_stack(tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest) -> Iterator[StackFactory]:
     """Start stacks that live for one test: ``make_stack(workers=2, settings={...})``."""
-    factory = StackFactory(tmp_path_factory, "stack")
+    factory = StackFactory(tmp_path_factory, "stack", request)
     yield factory
     factory.close()
 
 
 @pytest.fixture(scope="module")
-def make_module_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+def make_module_stack(tmp_path_factory: pytest.TempPathFactory,
+                      request: pytest.FixtureRequest) -> Iterator[StackFactory]:
     """Start stacks shared by the tests of one module."""
-    factory = StackFactory(tmp_path_factory, "stack")
+    factory = StackFactory(tmp_path_factory, "stack", request)
     yield factory
     factory.close()
 
@@ -128,6 +135,7 @@ def settings_env(
             if not name.startswith(("LORAFLEET_TEST_", "LORAFLEET_DIALOGSUM_DIR")):
                 monkeypatch.delenv(name)
         monkeypatch.setenv("LORAFLEET_STORAGE_DIR", str(tmp_path / "storage"))
+        monkeypatch.setenv("LORAFLEET_CACHE_DIR", str(tmp_path / "cache"))
         for name, value in overrides.items():
             monkeypatch.setenv(f"LORAFLEET_{name.upper()}", str(value))
         clear()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,15 @@ from datasets import Dataset, load_from_disk
 from modelio.chat_template import chat_renderer as make_chat_renderer
 from modelio.chat_template import probe_tool_format
 from shared import storage
-from shared.errors import InvalidDataset
+from shared.errors import InvalidDataset, StorageUnavailable
 from shared.hermes import ToolFormat
 from shared.records import iter_examples
 from shared.schemas import TrainingSpec
+from shared.storage import ObjectMissing, folders
+from shared.storage.folders import DamagedFolder
 from shared.templates import ChatRenderer, Rendered, render
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PREPROCESS_VERSION = "2"  # bump when the token layout changes, so caches are rebuilt
@@ -162,16 +168,12 @@ def prepare(
         InvalidDataset: a bad record, or no example shorter than ``max_length``.
     """
     key = fingerprint(spec, tokenizer, [train_hash, valid_hash or ""])
-    cache = storage.dataset_cache_dir(key)
-    meta_path = cache / "meta.json"
+    folder = storage.dataset_cache_key(train_hash, key)
     # The probe reads the chat template alone, which the cache key holds: the same answer.
     tools_as = tool_format(spec, tokenizer)
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        train = load_from_disk(str(cache / "train"))
-        valid = load_from_disk(str(cache / "validation")) if meta["validation"] else None
-        return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True,
-                        tools_as)
+    cached = _load_cached(folder, tools_as)
+    if cached is not None:
+        return cached
 
     train, dropped = _build(train_path, spec, tokenizer, "training_file", tools_as)
     if len(train) == 0:
@@ -188,19 +190,38 @@ def prepare(
                 f"validation_file: every example reaches max_length={spec.max_length}",
                 param="validation_file",
             )
-    # Build next to the final folder, then rename: a crash leaves no half-written cache.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{key}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    train.save_to_disk(str(tmp / "train"))
-    if valid is not None:
-        valid.save_to_disk(str(tmp / "validation"))
     meta = {"examples": len(train), "dropped": dropped,
             "validation": len(valid) if valid is not None else None}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another attempt finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    _store_cached(folder, train, valid, meta)
     return Prepared(train, valid, len(train), dropped, meta["validation"], False, tools_as)
 
+
+def _load_cached(folder: str, tools_as: ToolFormat | None) -> Prepared | None:
+    """The data sets an earlier attempt built with the same fingerprint, from storage."""
+    try:
+        local = storage.get_cache().folder(storage.get_store(), folder)
+        meta = json.loads((local / "meta.json").read_text())
+        train = load_from_disk(str(local / "train"))
+        valid = load_from_disk(str(local / "validation")) if meta["validation"] else None
+    except (ObjectMissing, DamagedFolder, StorageUnavailable, OSError, ValueError, KeyError):
+        return None  # not built yet, or unreadable: build it (again)
+    return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True,
+                    tools_as)
+
+
+def _store_cached(folder: str, train: Dataset, valid: Dataset | None,
+                  meta: dict[str, Any]) -> None:
+    """Keep the data sets for later attempts. Built locally, then committed in storage; two
+    attempts building the same set at once each write their own files, and the first commit
+    wins (theirs are identical). A store that cannot take it costs the cache, not the job."""
+    work = storage.get_cache().workspace("datasets", f"{os.getpid()}.{uuid.uuid4().hex}")
+    try:
+        train.save_to_disk(str(work / "train"))
+        if valid is not None:
+            valid.save_to_disk(str(work / "validation"))
+        (work / "meta.json").write_text(json.dumps(meta))
+        folders.commit_folder(storage.get_store(), work, folder, base=uuid.uuid4().hex)
+    except (folders.AlreadyCommitted, StorageUnavailable) as e:
+        log.info("preprocessed data %s not cached: %s", folder, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -177,10 +177,12 @@ def vllm_metric(url: str, name: str, **labels: str) -> float:
 
 def start_engine(stack: Stack, port: int, timeout: float = 120.0
                  ) -> tuple[subprocess.Popen[bytes], Path]:
-    """``lorafleet serve`` with the stack's environment; returns once ``/health`` answers."""
+    """``lorafleet serve`` with the stack's environment (and a node cache of its own);
+    returns once ``/health`` answers."""
     log_path = stack.log_dir / "engine.log"
+    env = {**stack.env, "LORAFLEET_CACHE_DIR": str(stack.cache_root / "engine")}
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([*CLI, "serve"], cwd=REPO_ROOT, env=stack.env,
+        proc = subprocess.Popen([*CLI, "serve"], cwd=REPO_ROOT, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout

@@ -301,7 +301,7 @@ def train_adapter(
         # The job delivers the best evaluated checkpoint, whether or not it stopped early.
         result.best_checkpoint = checkpoints_dir / f"checkpoint-{early.best_step}"
         if early.best_step != step or not trained:
-            _load_adapter_weights(model, result.best_checkpoint)
+            _load_adapter_weights(model, hooks.local_checkpoint(result.best_checkpoint))
         extra["best_step"] = early.best_step
         if early.stopped_at is not None:
             result.early_stop = EarlyStop(step=step, best_step=early.best_step,
