@@ -20,6 +20,7 @@ from api.served_models import TrainedAdapter
 from shared import storage
 from shared.errors import InvalidRequest, NotFound
 from shared.schemas import JobCreate, LoraSpec, TrainingSpec
+from shared.storage import ObjectMissing
 from shared.templates import PromptFormat
 
 
@@ -31,7 +32,7 @@ class Start:
     lora: LoraSpec
     prompt_format: PromptFormat
     initial_model: str
-    initial_adapter: str  # the adapter's folder, relative to the storage folder
+    initial_adapter: str  # the adapter's folder: its key in storage
 
 
 def is_continuation(model: str) -> bool:
@@ -58,11 +59,11 @@ def continue_from(session: Session, req: JobCreate, project: str) -> Start:
                        "it: its adapter's files are gone.", param="model",
                        code="model_not_found")
     source = TrainingSpec.model_validate(adapter.job.spec)
-    fmt = (PromptFormat.parse(req.prompt_format) if "prompt_format" in req.model_fields_set
+    fmt = (PromptFormat.parse(req.prompt_format) if req.prompt_format is not None
            else source.prompt_format)
     return Start(base_model=adapter.job.model, lora=_lora(req, adapter, source.lora),
                  prompt_format=fmt, initial_model=req.model,
-                 initial_adapter=storage.relative(adapter.folder))
+                 initial_adapter=adapter.folder)
 
 
 def _lora(req: JobCreate, adapter: TrainedAdapter, source: LoraSpec) -> LoraSpec:
@@ -89,8 +90,9 @@ def _trained_targets(adapter: TrainedAdapter) -> list[str] | None:
     """The modules the adapter's weights are on, from PEFT's ``adapter_config.json`` (the
     source job named none: its architecture's defaults were used)."""
     try:
-        targets = json.loads((adapter.folder / "adapter_config.json").read_text())
-    except (OSError, ValueError):
+        targets = json.loads(storage.get_store().get_bytes(
+            storage.join(adapter.folder, "adapter_config.json")))
+    except (ObjectMissing, ValueError):
         return None
     targets = targets.get("target_modules") if isinstance(targets, dict) else None
     return sorted(targets) if isinstance(targets, list) else None

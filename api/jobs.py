@@ -171,6 +171,15 @@ def _check_limits(req: JobCreate) -> None:
         raise ValidationFailed("; ".join(m for _, m in problems), param=problems[0][0])
 
 
+def _prompt_format(req: JobCreate, train: File) -> PromptFormat:
+    """The request's prompt format. Unset, a chat file trains with the base model's chat
+    template (OpenAI's users send no format: every assistant message, tool calls included, is
+    learned as they expect); other files with ``dolly``."""
+    if req.prompt_format is None and train.record_format == "chat":
+        return PromptFormat(type="chat")
+    return PromptFormat.parse(req.prompt_format)
+
+
 def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     """Check a request against the operator's limits; the worker's input. The files' records
     are checked later (``validating_files``), so this never reads them."""
@@ -187,7 +196,7 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
              if req.validation_file else None)
     if valid is not None:
         methods.check_file(method, valid.record_format, valid.id, "validation_file")
-    fmt = start.prompt_format if start else PromptFormat.parse(req.prompt_format)
+    fmt = start.prompt_format if start else _prompt_format(req, train)
     if fmt.type == "custom" and not methods.METHODS[method].custom_format:
         raise InvalidRequest(f"a {method} job renders its records with the dolly, phi2-qa or "
                              "chat format, not a custom template", param="prompt_format")

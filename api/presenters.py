@@ -80,7 +80,7 @@ def job_public(job: Job) -> JobPublic:
         attempt=job.attempt,
         resumed_from_step=job.resumed_from_step,
         last_good_checkpoint_step=job.last_good_step,
-        adapter_path=str(storage.root() / job.adapter_dir) if job.adapter_dir else None,
+        adapter_path=storage.get_store().url(job.adapter_dir) if job.adapter_dir else None,
         evaluation=Evaluation.model_validate(job.evaluation) if job.evaluation else None,
         initial_model=spec.initial_model,
         fine_tuned_model_deleted_at=job.fine_tuned_model_deleted_at,
@@ -107,7 +107,7 @@ def checkpoint_public(ckpt: Checkpoint, job: Job) -> CheckpointPublic:
         fine_tuning_job_id=job.id,
         step_number=ckpt.step_number,
         metrics=ckpt.metrics,
-        path=str(storage.root() / ckpt.path),
+        path=storage.get_store().url(ckpt.path),
     )
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -69,7 +68,9 @@ class TrainedAdapter:
 
     model: str  # the name it was asked for
     job: Job
-    folder: Path  # absolute; PEFT's files (a checkpoint's folder also has the Trainer's state)
+    # Its folder's key in storage: PEFT's files (a checkpoint's folder also has the Trainer's
+    # state), committed by a manifest.
+    folder: str
     step: int | None  # the checkpoint's step; None for the job's final adapter
 
 
@@ -153,7 +154,8 @@ def resolve_model(session: Session, project: str, model: str) -> Target:
         adapter = trained_adapter(session, project, model)
         spec = TrainingSpec.model_validate(adapter.job.spec)
         return Target(model=model, base_model=adapter.job.model,
-                      adapter_path=str(adapter.folder), prompt_format=spec.prompt_format)
+                      adapter_path=storage.get_store().url(adapter.folder),
+                      prompt_format=spec.prompt_format)
     if "\x00" in model:  # no model has one, and PostgreSQL text cannot hold it
         raise _unknown(model)
     used = session.scalar(select(func.count()).select_from(Job).where(
@@ -192,8 +194,7 @@ def trained_adapter(session: Session, project: str, model: str) -> TrainedAdapte
     if (job.fine_tuned_model != model or not job.adapter_dir
             or job.fine_tuned_model_deleted_at is not None):
         raise _unknown(model)
-    return TrainedAdapter(model=model, job=job, folder=storage.root() / job.adapter_dir,
-                          step=None)
+    return TrainedAdapter(model=model, job=job, folder=job.adapter_dir, step=None)
 
 
 def _checkpoint_adapter(session: Session, project: str, model: str, job_model: str,
@@ -216,11 +217,10 @@ def _checkpoint_adapter(session: Session, project: str, model: str, job_model: s
         .order_by(Checkpoint.seq.desc()).limit(1))
     if ckpt is None:
         raise _unknown(model)
-    folder = storage.root() / ckpt.path
     # Retention removes the folder first, then marks the row: look before sending it on.
-    if not has_adapter_files(folder):
+    if not has_adapter_files(ckpt.path):
         raise _unknown(model)
-    return TrainedAdapter(model=model, job=job, folder=folder, step=step)
+    return TrainedAdapter(model=model, job=job, folder=ckpt.path, step=step)
 
 
 def lock_model(session: Session, project: str, model: str) -> None:
@@ -234,20 +234,26 @@ def lock_model(session: Session, project: str, model: str) -> None:
                         .with_for_update())
 
 
-def has_adapter_files(folder: Path) -> bool:
-    """Whether ``folder`` holds PEFT's files of an adapter."""
-    return all((folder / name).is_file() for name in ADAPTER_FILES)
+def has_adapter_files(folder: str) -> bool:
+    """Whether the storage folder ``folder`` holds PEFT's files of an adapter.
+
+    Raises:
+        StorageUnavailable: storage cannot be reached.
+    """
+    store = storage.get_store()
+    return all(store.exists(storage.join(folder, name)) for name in ADAPTER_FILES)
 
 
-def delete_model(session: Session, project: str, model: str) -> Path:
+def delete_model(session: Session, project: str, model: str) -> list[str]:
     """Delete a fine-tuned model or a checkpoint's model of ``project``: from the caller's
     commit on it is neither listed nor served, and a job can no longer continue from it.
     The job keeps its history: it stays ``succeeded`` and its ``fine_tuned_model`` still
     names the model, with ``fine_tuned_model_deleted_at`` set. Deleting a fine-tuned model
     leaves its job's checkpoints as they are (each is deleted by its own name).
 
-    Returns the folder of the adapter's files, for the caller to remove once it committed
-    (removed first, a failed commit would leave a listed model without files).
+    Returns the storage folders of the adapter's files (a checkpoint saved again by a later
+    attempt has one per attempt), for the caller to delete once it committed (deleted first,
+    a failed commit would leave a listed model without files).
 
     Raises:
         InvalidRequest: a base model's name; only fine-tuned models can be deleted.
@@ -274,6 +280,7 @@ def delete_model(session: Session, project: str, model: str) -> Path:
         job.fine_tuned_model_deleted_at = now()
         job.adapter_dir = None
         add_event(session, job.id, f"Fine-tuned model deleted: {model}")
+        folders = [adapter.folder]
     else:
         if job.status not in TERMINAL:
             raise Conflict(f"the checkpoint '{model}' belongs to job {job.id}, which is "
@@ -287,8 +294,9 @@ def delete_model(session: Session, project: str, model: str) -> Path:
         for row in rows:
             row.deleted = True
         add_event(session, job.id, f"Checkpoint model deleted: {model}")
+        folders = sorted({row.path for row in rows})
     session.flush()
-    return adapter.folder
+    return folders
 
 
 def _continued_by(session: Session, project: str, model: str) -> str | None:

@@ -67,6 +67,7 @@ def run(size_mb: float, jobs: int) -> dict[str, Any]:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
         env.update({"LORAFLEET_STORAGE_DIR": str(root / "storage"),
+                    "LORAFLEET_CACHE_DIR": str(root / "cache"),
                     "LORAFLEET_MODELS_DIR": str(models), "LORAFLEET_PORT": str(port),
                     "LORAFLEET_MAX_QUEUED_JOBS_PER_PROJECT": str(4 * jobs + 10),
                     # room for the file plus its multipart framing

@@ -89,8 +89,14 @@ def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> 
     raise TimeoutError(f"no {what} after {timeout:.0f}s")
 
 
-def run(trials: int, save_steps: int, work: Path, threads: int) -> tuple[list[Trial], dict]:
-    """Run one job through ``trials`` worker kills; returns the trials and the settings."""
+def run(trials: int, save_steps: int, work: Path, threads: int, *,
+        stack_options: dict[str, Any] | None = None) -> tuple[list[Trial], dict]:
+    """Run one job through ``trials`` worker kills; returns the trials and the settings.
+
+    Args:
+        stack_options: more :class:`~tests.support.stack.Stack` arguments (its storage: an
+            S3 bucket instead of the folder).
+    """
     from tests.support.jobs import create_job, upload_dialogsum
     from tests.support.stack import Stack
     from worker.tiny_model import build_tiny_model
@@ -104,7 +110,8 @@ def run(trials: int, save_steps: int, work: Path, threads: int) -> tuple[list[Tr
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     max_steps = save_steps * (2 * trials + 2)
     results: list[Trial] = []
-    with Stack(work / "stack", workers=2, settings=settings, env=env) as stack:
+    with Stack(work / "stack", workers=2, settings=settings, env=env,
+               **(stack_options or {})) as stack:
         client = stack.openai()
         file = upload_dialogsum(client, 48)
         job = create_job(client, str(model), file.id, max_steps=max_steps,

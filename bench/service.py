@@ -56,7 +56,8 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-        env.update(LORAFLEET_STORAGE_DIR=str(self.storage), LORAFLEET_PORT=str(self.port),
+        env.update(LORAFLEET_STORAGE_DIR=str(self.storage),
+                   LORAFLEET_CACHE_DIR=str(self.storage / "cache"), LORAFLEET_PORT=str(self.port),
                    LORAFLEET_HOST="127.0.0.1", LORAFLEET_MODELS_DIR=str(self.models_dir))
         if self.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
@@ -201,6 +202,7 @@ def direct_run(model_dir: Path, train_file: Path, out: Path, hp: Hyper) -> float
 
     shutil.rmtree(out, ignore_errors=True)
     os.environ["LORAFLEET_STORAGE_DIR"] = str(out / "storage")
+    os.environ["LORAFLEET_CACHE_DIR"] = str(out / "cache")
     get_settings.cache_clear()
     spec = lorafleet_spec(model_dir, hp)
     t = time.perf_counter()

@@ -30,7 +30,8 @@ def build_model(path: Path) -> Path:
 
 
 def build_adapter(base: Path, dest: Path, seed: int, *, prompt_format: dict[str, Any] | None = None,
-                  r: int = 8, std: float = 0.3, probe: bool = False) -> Path:
+                  r: int = 8, std: float = 0.3, probe: bool = False,
+                  targets: list[str] | None = None) -> Path:
     """Save a LoRA adapter of ``base`` with random, non-zero weights drawn from ``seed`` (so
     different seeds give clearly different outputs), in the worker's layout: PEFT files plus
     ``lorafleet.json`` (with the worker's parity probe if ``probe``). An existing ``dest`` is
@@ -39,6 +40,7 @@ def build_adapter(base: Path, dest: Path, seed: int, *, prompt_format: dict[str,
     Args:
         r: the LoRA rank (on :data:`LORA_TARGETS`).
         std: the standard deviation of the LoRA weights.
+        targets: the modules adapted (default :data:`LORA_TARGETS`, the Phi model's).
 
     Raises:
         RuntimeError: ``probe`` and the worker made no parity probe.
@@ -51,7 +53,7 @@ def build_adapter(base: Path, dest: Path, seed: int, *, prompt_format: dict[str,
         torch.manual_seed(seed)
         model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(base),
-            LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS,
+            LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or LORA_TARGETS,
                        init_lora_weights=False, task_type="CAUSAL_LM"))
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -161,6 +161,7 @@ class LiveService:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
         self.env.update({
             "LORAFLEET_STORAGE_DIR": str(self.storage), "LORAFLEET_PORT": str(api_port),
+            "LORAFLEET_CACHE_DIR": str(self.storage / "cache"),
             "LORAFLEET_ENGINE_PORT": str(engine_port), "LORAFLEET_ENGINE_URL": self.engine_url,
             "LORAFLEET_ENGINE_DEVICE": "cpu", "LORAFLEET_ENGINE_TORCH_THREADS": str(threads),
             "LORAFLEET_MAX_BATCH_SIZE": str(max_batch),

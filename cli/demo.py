@@ -105,12 +105,15 @@ def _pick_port(requested: int | None) -> int:
 def service_env(folder: Path, port: int, engine_port: int) -> dict[str, str]:
     """The environment of the demo's child processes: everything lives in ``folder``.
 
-    The database and broker URLs are forced empty (SQLite file, filesystem broker) so that a
-    production configuration in the caller's environment is never touched by the demo.
+    The database, broker and storage URLs are forced empty (SQLite file, filesystem broker,
+    the storage folder) so that a production configuration in the caller's environment is
+    never touched by the demo.
     """
     env = dict(os.environ)
     env.update({
         "LORAFLEET_STORAGE_DIR": str(folder / "storage"),
+        "LORAFLEET_STORAGE_URL": "",
+        "LORAFLEET_CACHE_DIR": str(folder / "cache"),
         "LORAFLEET_DATABASE_URL": "",
         "LORAFLEET_BROKER_URL": "",
         "LORAFLEET_HOST": "127.0.0.1",

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import InvalidRequest, NotFound
+from engine.adapter_folders import AdapterFolders
+from shared.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,20 @@ def adapter_ref(path: str | Path) -> AdapterRef:
     raise NotFound(f"no adapter weights in {folder}", param="model", code="adapter_missing")
 
 
-def served_adapter(path: str | None, root: Path | None) -> AdapterRef | None:
+def served_adapter(path: str | None, folders: AdapterFolders | None) -> AdapterRef | None:
     """The adapter a request's target names (None: the base model), if it may be served.
 
+    Args:
+        folders: where adapters come from (the storage URL fetched to this node); None:
+            ``path`` is a local folder.
+
     Raises:
-        InvalidRequest: ``root`` is set and the folder is not under it.
+        InvalidRequest: the URL is not in the engine's storage.
         NotFound: the folder holds no adapter weights.
     """
     if path is None:
         return None
-    if root is not None and not Path(path).resolve().is_relative_to(root):
-        raise InvalidRequest("adapter_path is outside the storage folder", param="model")
-    return adapter_ref(path)
+    return adapter_ref(folders.local(path) if folders is not None else path)
 
 
 @dataclass

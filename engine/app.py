@@ -24,7 +24,6 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI
@@ -32,6 +31,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import responses
+from engine.adapter_folders import AdapterFolders
 from engine.adapters import AdapterRef, served_adapter
 from engine.batcher import Batcher, Request
 from engine.builtin import BaseModelHost, pick_device
@@ -67,13 +67,14 @@ class Engine:
 
     Args:
         settings: batching, cache and limit settings.
-        adapter_root: when set, adapters are only loaded from under this folder.
+        adapters: where adapters come from (storage URLs fetched to the node's cache);
+            None: adapter paths are local folders.
     """
 
-    def __init__(self, settings: Settings, adapter_root: Path | None = None):
+    def __init__(self, settings: Settings, adapters: AdapterFolders | None = None):
         self.settings = settings
         self.device = pick_device(settings.engine_device)
-        self.adapter_root = adapter_root.resolve() if adapter_root else None
+        self.adapters = adapters
         self.batcher = Batcher(settings.batch_window_ms / 1000, settings.max_batch_size,
                                settings.max_queued_requests)
         self._hosts: dict[str, BaseModelHost] = {}
@@ -116,7 +117,7 @@ class Engine:
         if isinstance(body, EngineChatRequest):
             refuse_without_vllm(body, self.reason)
         host = self.host(target.base_model)
-        ref = served_adapter(target.adapter_path, self.adapter_root)
+        ref = served_adapter(target.adapter_path, self.adapters)
         if ref is not None and ref.name not in self._checked:
             check_adapter(ref.path, host.config)  # once per version, before it is loaded
             self._checked.add(ref.name)
@@ -210,8 +211,8 @@ def build_engine(settings: Settings) -> Backend:
         if python is None:
             why = f"vLLM servers in LORAFLEET_VLLM_SERVERS only ({why})"
         log.info("lorafleet serve: generating with vLLM: %s", why)
-        engine = VllmEngine(settings, python, storage.root() / "logs" / "vllm",
-                            adapter_root=storage.root(),
+        engine = VllmEngine(settings, python, storage.local_folder("logs", "vllm"),
+                            adapters=_adapter_folders(),
                             cpu=pick_device(settings.engine_device).type == "cpu")
         engine.reason = why
         return engine
@@ -226,9 +227,13 @@ def build_engine(settings: Settings) -> Backend:
         import torch
 
         torch.set_num_threads(settings.engine_torch_threads)
-    builtin = Engine(settings, adapter_root=storage.root())
+    builtin = Engine(settings, adapters=_adapter_folders())
     builtin.reason = why
     return builtin
+
+
+def _adapter_folders() -> AdapterFolders:
+    return AdapterFolders(storage.get_store(), storage.get_cache())
 
 
 def _log_to_stderr() -> None:

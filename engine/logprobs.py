@@ -9,12 +9,16 @@ objects of text completions and of chat completions.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 # A token id -> its text (a special token's text too, e.g. "<|endoftext|>").
 TokenText = Callable[[int], str]
+# How vLLM names a token asked with ``return_tokens_as_token_ids``: "token_id:N".
+_TOKEN_ID_AT = len("token_id:")
+_LOGPROB = operator.itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -32,14 +36,13 @@ def completion_logprobs(entries: Sequence[TokenLogprob], text_of: TokenText,
     """OpenAI's text-completion ``logprobs``: ``tokens``, ``token_logprobs``, ``top_logprobs``
     (the most likely tokens and the token itself; None where the logprob is) and
     ``text_offset`` (each token's start in the choice's text, from ``offset``)."""
-    tokens: list[str] = []
+    # Once per token and per alternative of every answer: kept to plain loops over locals.
+    tokens = [text_of(entry.token) for entry in entries]
     offsets: list[int] = []
     tops: list[dict[str, float] | None] = []
-    for entry in entries:
-        text = text_of(entry.token)
+    for entry, text in zip(entries, tokens, strict=True):
         offsets.append(offset)
         offset += len(text)
-        tokens.append(text)
         if entry.logprob is None:
             tops.append(None)
             continue
@@ -70,14 +73,14 @@ def chat_logprobs(entries: Sequence[TokenLogprob], text_of: TokenText) -> dict[s
 def parse_vllm_completion(logprobs: dict[str, Any] | None, k: int) -> list[TokenLogprob]:
     """The generated tokens of one vLLM text-completion choice asked with
     ``return_tokens_as_token_ids`` (tokens as ``"token_id:N"``), keeping the ``k`` most
-    likely alternatives."""
+    likely alternatives (vLLM lists the token chosen first, then the most likely ones)."""
     if not logprobs:
         return []
     entries = []
     for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
                                    logprobs["top_logprobs"], strict=True):
-        ranked = sorted(((_token_id(t), lp) for t, lp in (top or {}).items()),
-                        key=lambda item: -item[1])
+        ranked = [(int(t[_TOKEN_ID_AT:]), lp) for t, lp in top.items()] if top else []
+        ranked.sort(key=_LOGPROB, reverse=True)  # stable: equal ones keep vLLM's order
         entries.append(TokenLogprob(_token_id(token), logprob, tuple(ranked[:k])))
     return entries
 
@@ -87,8 +90,8 @@ def parse_vllm_prompt(prompt_ids: Sequence[int], prompt_logprobs: list[Any] | No
     """The prompt tokens of one vLLM choice asked with ``prompt_logprobs`` (one dict of
     ``{"<id>": {"logprob", "rank", ...}}`` per position, None first)."""
     entries = []
-    for i, token in enumerate(prompt_ids):
-        scores = (prompt_logprobs or [None] * len(prompt_ids))[i]
+    for token, scores in zip(prompt_ids, prompt_logprobs or [None] * len(prompt_ids),
+                             strict=True):
         if not scores:
             entries.append(TokenLogprob(token, None))
             continue
@@ -100,4 +103,4 @@ def parse_vllm_prompt(prompt_ids: Sequence[int], prompt_logprobs: list[Any] | No
 
 
 def _token_id(token: str) -> int:
-    return int(token.rsplit(":", 1)[1])
+    return int(token[_TOKEN_ID_AT:])

@@ -8,12 +8,14 @@ gateway never loads them, vLLM does.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 from transformers import AutoConfig, GenerationConfig
 
+from modelio import chat_template
 from modelio.loading import ModelLoadError, load_tokenizer
 from shared.errors import LorafleetError
+from shared.hermes import ToolFormat
 
 DEFAULT_CONTEXT = 2048
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length",
@@ -57,8 +59,9 @@ class ModelText:
             self.context_length = min(self.context_length, max_context)
         self.eos_ids = self._eos_ids()
         self._chat_end: dict[str, frozenset[int]] = {}
+        self._probed: dict[str, str] = {}
         self._token_texts: dict[int, str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the chat-end probe renders a chat, which probes tools
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -84,12 +87,38 @@ class ModelText:
             text = self._token_texts[token] = self.tokenizer.decode([token])
         return text
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None = None,
+                    tool_format: ToolFormat | None = None) -> str:
+        """Normalised OpenAI messages (``shared.chat.check_messages``) and tools as the prompt
+        text of this model's chat template (``modelio.chat_template.render_chat``).
+
+        Args:
+            tools: function specs (``shared.chat.check_tools``).
+            tool_format: how tools, calls and tool answers are rendered: an adapter's
+                ``lorafleet.json["tool_format"]``; ``None``: this model's :meth:`tool_format`
+                (what training chose for it).
+
+        Raises:
+            LorafleetError: the model has no chat template, or it refuses the chat
+                (``param="messages"``).
+        """
         if not getattr(self.tokenizer, "chat_template", None):
             raise LorafleetError(f"the model '{self.name}' has no chat template; "
                                  "use /v1/completions", param="messages")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return chat_template.render_chat(self.tokenizer, messages, add_generation_prompt,
+                                             tools, tool_format=tool_format or self.tool_format())
+        except ValueError as e:
+            raise LorafleetError(str(e), param="messages") from e
+
+    def tool_format(self) -> ToolFormat:
+        """How this model's chat template takes tools (``modelio.chat_template``'s probe,
+        once)."""
+        with self._lock:
+            if "tool_format" not in self._probed:
+                self._probed["tool_format"] = chat_template.probe_tool_format(self.tokenizer)
+            return cast(ToolFormat, self._probed["tool_format"])
 
     def chat_end_ids(self) -> frozenset[int]:
         """The special token that closes an assistant turn in the chat template (ChatML's

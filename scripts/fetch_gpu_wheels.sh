@@ -29,6 +29,7 @@ PACKAGES=(
     pydantic-settings python-dotenv  # shared.settings
     sqlalchemy  # shared.models
     standardwebhooks  # shared.outbox
+    boto3 botocore s3transfer jmespath python-dateutil six urllib3  # shared.storage: S3
     datasets dill multiprocess xxhash  # worker.preprocess
     bitsandbytes  # quantization: "4bit" (QLoRA)
 )

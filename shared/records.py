@@ -6,7 +6,8 @@ Accepted shapes (detected per record, columns remappable per job with ``column_m
 * ``dialogsum`` — ``dialogue``, ``summary`` (optional ``id``, ``topic``)
 * ``dolly`` — ``instruction``, optional ``context``, ``response``
 * ``completion`` — ``prompt``, ``completion``
-* ``chat`` — ``messages``: a list of ``{"role", "content"}`` ending with an assistant turn
+* ``chat`` — ``messages`` (optional ``tools``, ``parallel_tool_calls``): OpenAI's chat record,
+  checked by :mod:`shared.chat`, ending with an assistant message
 * ``preference`` — OpenAI's preference (DPO) pairs: ``input`` (``messages``, ``tools``,
   ``parallel_tool_calls``), ``preferred_output`` and ``non_preferred_output``; checked by
   :mod:`shared.preference`
@@ -27,23 +28,26 @@ Errors name the line: ``line N: ...`` for an upload (its one ``file``), ``traini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared.chat import ROLES, Chat, FormatMismatch, RecordError, check_chat
 from shared.errors import InvalidDataset, PayloadTooLarge
+from shared.hermes import assistant_text
 
 SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # shape: (required columns, optional columns)
     "dialogsum": (("dialogue", "summary"), ("id", "topic")),
     "dolly": (("instruction", "response"), ("context", "category")),
     "completion": (("prompt", "completion"), ()),
-    "chat": (("messages",), ()),
+    "chat": (("messages",), ("tools", "parallel_tool_calls")),
     "preference": (("input", "preferred_output", "non_preferred_output"), ()),
 }
 # Columns that name a shape on their own: a record with one of them is checked as that shape
@@ -51,16 +55,12 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 MARKERS: dict[str, tuple[str, ...]] = {
     "preference": ("preferred_output", "non_preferred_output"),
 }
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ROLES
 
 DEFAULT_INSTRUCTION = "Summarize the below conversation."
 CUSTOM = "custom"  # the shape of a record with none of the known column sets
 UPLOAD_PARAM = "file"  # the upload form's field
 MAX_COLUMNS = 200  # column names kept in a file's summary
-
-
-class RecordError(ValueError):
-    """A record that does not fit; the message says which column and why."""
 
 
 class MissingColumn(RecordError):
@@ -74,9 +74,10 @@ class Example:
     instruction: str | None
     input: str | None
     output: str
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
     shape: str = CUSTOM
+    chat: Chat | None = None  # a chat record, checked (its messages are ``messages``)
 
 
 class ShapeReader(Protocol):
@@ -128,24 +129,6 @@ def _text(
     if required and not allow_blank and not value.strip():
         raise RecordError(f"column '{col}' is empty")
     return value
-
-
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise RecordError("'messages' must be a non-empty list")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise RecordError(f"messages[{i}] must be an object")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in CHAT_ROLES:
-            raise RecordError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise RecordError(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "assistant":
-        raise RecordError("the last message must have role 'assistant' (the training target)")
-    return out
 
 
 def to_example(
@@ -212,15 +195,16 @@ def to_example(
         )
     if "messages" not in rec:  # a forced shape: detection only finds chat with the column
         raise MissingColumn("missing column 'messages'")
-    messages = check_messages(rec["messages"])
-    prompt_turns = [m["content"] for m in messages[:-1] if m["role"] == "user"]
+    chat = check_chat(rec)
+    prompt_turns = [m["content"] for m in chat.messages[:-1] if m["role"] == "user"]
     return Example(
         instruction=instruction,
         input="\n".join(prompt_turns) or None,
-        output=messages[-1]["content"],
-        messages=messages,
+        output=assistant_text(chat.messages[-1]),
+        messages=chat.messages,
         fields=rec,
         shape=shape,
+        chat=chat,
     )
 
 
@@ -286,12 +270,38 @@ def validate_record(
         missing = [name for name in needed if name not in rec]
         if missing:
             raise MissingColumn(f"missing column '{missing[0]}' used by the template")
+        if detect_shape(rec) == "chat":
+            try:
+                chat = check_chat(rec)
+            except RecordError:
+                chat = None  # messages the template does not read: the template decides
+            if chat is not None:
+                _check_one_turn(chat, prompt_format)
         return Example(instruction=prompt_format.instruction, input=None, output="", fields=rec)
-    return to_example(rec, shape=shape, instruction=prompt_format.instruction)
+    example = to_example(rec, shape=shape, instruction=prompt_format.instruction)
+    if example.chat is not None and prompt_format.type != "chat":
+        _check_one_turn(example.chat, prompt_format)
+    return example
+
+
+def _check_one_turn(chat: Chat, prompt_format: RecordFormat) -> None:
+    """A one-turn format (dolly, phi2-qa, custom) learns the last message from the user text
+    before it: refuse a chat that means more, rather than learn part of it."""
+    if chat.single_turn:
+        return
+    if chat.uses_tools:
+        what = "uses tools"
+    elif len(chat.learned) > 1:
+        what = f"has {len(chat.learned)} assistant messages to learn"
+    else:
+        what = "learns an assistant message that is not the last"
+    raise FormatMismatch(
+        f"prompt_format '{prompt_format.type}' learns the last assistant message only, and "
+        f"this chat {what}: train it with prompt_format 'chat' (the default for chat files)")
 
 
 def iter_examples(
-    path: Path,
+    path: Path | Iterable[bytes],
     *,
     column_map: dict[str, str] | None = None,
     prompt_format: RecordFormat | None = None,
@@ -299,8 +309,9 @@ def iter_examples(
     max_lines: int | None = None,
     max_record_chars: int | None = None,
 ) -> Iterator[tuple[int, Example]]:
-    """Read a JSONL file one line at a time and yield ``(line number, example)`` for each record
-    (non-blank line), checked by :func:`validate_record`.
+    """Read a JSONL file (a path, or its lines as they arrive) one line at a time and yield
+    ``(line number, example)`` for each record (non-blank line), checked by
+    :func:`validate_record`.
 
     Without a prompt format the first record's shape binds the file: every later record must
     have the same shape. With one, each record's shape is detected on its own.
@@ -318,7 +329,7 @@ def iter_examples(
     """
     where = _where(param)
     file_shape: str | None = None
-    with path.open("rb") as f:
+    with path.open("rb") if isinstance(path, Path) else contextlib.nullcontext(path) as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -334,14 +345,15 @@ def iter_examples(
                                           prompt_format=prompt_format, shape=file_shape)
             except RecordError as e:
                 hint = _hint(e, file_shape, column_map)
-                raise InvalidDataset(f"{where} {lineno}: {e}{hint}", param=param) from e
+                raise InvalidDataset(f"{where} {lineno}: {e}{hint}",
+                                     param=getattr(e, "param", param)) from e
             if prompt_format is None and file_shape is None:
                 file_shape = example.shape
             yield lineno, example
 
 
 def validate_file(
-    path: Path,
+    path: Path | Iterable[bytes],
     *,
     column_map: dict[str, str] | None = None,
     prompt_format: RecordFormat | None = None,

@@ -47,7 +47,7 @@ REFUSED_COMPLETION: dict[str, Refusal] = {
 REFUSED_CHAT: dict[str, Refusal] = {
     "audio": Refusal("lorafleet's models take and produce text only"),
     "modalities": Refusal("lorafleet's models produce text only",
-                          lambda v: v is None or list(v) == ["text"]),
+                          lambda v: v is None or v == ["text"]),
     "functions": Refusal("the deprecated functions API is not served: send `tools`"),
     "function_call": Refusal("the deprecated functions API is not served: send `tool_choice`"),
     "prediction": Refusal("predicted outputs are not served"),
@@ -97,6 +97,7 @@ def check_fields(data: Any, declared: Mapping[str, Any], refused: Mapping[str, R
     for name, value in data.items():
         refusal = refused.get(name)
         if refusal is not None:
+            # ``passes`` sees the raw value, whatever its type: the models check types later.
             if not refusal.passes(value):
                 raise UnsupportedParameter(f"'{name}' is not supported: {refusal.reason}",
                                            param=name)

@@ -122,7 +122,11 @@ class JobCreate(Strict):
 
     # --- extensions -----------------------------------------------------------------
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    prompt_format: PromptFormat | Literal["dolly", "phi2-qa", "chat"] = "dolly"
+    prompt_format: PromptFormat | Literal["dolly", "phi2-qa", "chat"] | None = Field(
+        None,
+        description="How records become text. Unset: 'chat' for a chat file (the base model's "
+        "chat template), else 'dolly'.",
+    )
     max_length: int = Field(512, ge=16)
     max_steps: int | None = Field(None, ge=1)
     n_epochs: float | None = Field(None, gt=0)
@@ -383,7 +387,10 @@ class JobPublic(BaseModel):
     attempt: int
     resumed_from_step: int | None = None
     last_good_checkpoint_step: int | None = None
-    adapter_path: str | None = None
+    adapter_path: str | None = Field(
+        None, description="Where the final adapter lies (PEFT layout, plus lorafleet.json), as "
+        "a storage URL: a local path on file:// storage, s3://bucket/prefix/... on S3. Its "
+        "folder holds lorafleet-complete.json, the manifest of its files with their sha256.")
     initial_model: str | None = Field(
         None, description="The fine-tuned model or checkpoint this job continued training from.")
     fine_tuned_model_deleted_at: int | None = Field(

@@ -19,10 +19,44 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
 
     # --- where things live -------------------------------------------------------------
+    storage_url: str = Field(
+        "",
+        description="Where the service keeps every byte it stores (uploads, checkpoints, "
+        "adapters, result files, the tokenized-data cache): file:///path, a folder that the "
+        "API, every worker and the engine see at that path, or s3://bucket/prefix, a bucket "
+        "of any S3-compatible store (nodes then share no folder). Empty: file:// of "
+        "LORAFLEET_STORAGE_DIR.",
+    )
     storage_dir: Path = Field(
         Path("lorafleet-data"),
-        description="Shared storage: uploads, checkpoints, adapters, caches. Must be the same "
-        "path on the API and on every worker.",
+        description="The storage folder where LORAFLEET_STORAGE_URL is unset (the same as "
+        "file://<this folder>); also where the default SQLite database and the embedded "
+        "broker live.",
+    )
+    s3_endpoint_url: str = Field(
+        "",
+        description="The S3-compatible server of an s3:// storage URL (http://minio:9000, "
+        "http://seaweedfs:8333, a Ceph RGW). Empty: AWS S3. Credentials, region and retries "
+        "come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        "AWS_PROFILE, an instance or pod role, AWS_MAX_ATTEMPTS).",
+    )
+    s3_path_style: bool = Field(
+        False,
+        description="Address buckets as http://host/bucket/key (path style), which most "
+        "self-hosted S3 servers need, rather than http://bucket.host/key.",
+    )
+    cache_dir: Path = Field(
+        Path("lorafleet-cache"),
+        description="This node's cache of what it fetches from storage (training files, the "
+        "checkpoint a job resumes from, adapters the engine serves) and its workers' "
+        "checkpoints before they are committed. Per node, never shared between nodes; the "
+        "processes of one node may share it.",
+    )
+    cache_max_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="Most bytes kept in the node cache; the least recently used entries go "
+        "first (an entry in use stays).",
     )
     database_url: str = Field(
         "",
@@ -116,7 +150,9 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(
         None,
         description="Folder of the operator's local base models: a job may name a model by an "
-        "absolute path under it. Unset: only hub ids are accepted, never a local path.",
+        "absolute path under it. A folder of each node, not in storage: every node that "
+        "trains or serves such a model needs it at the same path. Unset: only hub ids are "
+        "accepted, never a local path.",
     )
 
     # --- job lifecycle -------------------------------------------------------------------
@@ -274,7 +310,8 @@ class Settings(BaseSettings):
         {},  # pydantic copies it for each instance
         description='vLLM servers started by someone else, as JSON {"<base model>": "<url>"}: '
         "used instead of starting one. They must run with --enable-lora, "
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and see the storage folder at the same path.",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and see the engine's cache folder "
+        "(LORAFLEET_CACHE_DIR, where it fetches adapters to) at the same path.",
     )
     vllm_max_servers: int = Field(
         2, ge=1, description="Most vLLM servers (base models) running at once; starting one "
@@ -344,6 +381,15 @@ class Settings(BaseSettings):
         "it and logs, 'off' skips the check.",
     )
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, v: str) -> str:
+        if v and not v.startswith(("file://", "s3://")):
+            raise ValueError("must be file:///path or s3://bucket/prefix")
+        if v.startswith("s3://") and not v[len("s3://"):].split("/", 1)[0]:
+            raise ValueError("an s3:// URL needs a bucket: s3://bucket/prefix")
+        return v
+
     @field_validator("vllm_max_lora_rank")
     @classmethod
     def _vllm_rank(cls, v: int | None) -> int | None:
@@ -358,6 +404,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.storage_dir / 'lorafleet.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.storage_dir.resolve()}"
 
     @computed_field  # type: ignore[prop-decorator]
     @property

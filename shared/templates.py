@@ -8,12 +8,12 @@ is ``prompt + response``; inference sends ``prompt`` and stops at :func:`stop_se
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.chat import Chat
 from shared.records import Example
 
 INTRO_BLURB = (
@@ -28,9 +28,14 @@ DOLLY_SEPARATOR = "\n\n"
 FormatName = Literal["dolly", "phi2-qa", "chat", "custom"]
 FORMAT_NAMES: tuple[str, ...] = ("dolly", "phi2-qa", "chat", "custom")
 
-# Renders a chat as text: (messages, add_generation_prompt) -> str. The worker passes the
-# tokenizer's ``apply_chat_template``; the API never needs one.
-ChatRenderer = Callable[[list[dict[str, str]], bool], str]
+
+class ChatRenderer(Protocol):
+    """Renders normalised OpenAI messages (``shared.chat``) and tools as text with a chat
+    template: ``modelio.chat_template.chat_renderer`` (the worker) or
+    ``ModelText.render_chat`` (the engines); the API never needs one."""
+
+    def __call__(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                 tools: list[dict[str, Any]] | None = None) -> str: ...
 
 
 class PromptFormat(BaseModel):
@@ -89,14 +94,30 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+Piece = tuple[str, bool]  # a stretch of a training text, and whether it is learned
+
+
 @dataclass(frozen=True)
 class Rendered:
+    """One example as text: ``prompt`` (what inference sends) and ``response`` (what the model
+    writes after it, the last assistant message of a chat).
+
+    A chat that learns more than its last message has ``pieces``: the whole text cut at the
+    boundaries of the learned messages, in order, each with whether it is learned; their
+    concatenation is ``text``. Without pieces, the prompt is not learned and the response is.
+    """
+
     prompt: str
     response: str
+    pieces: tuple[Piece, ...] = ()
 
     @property
     def text(self) -> str:
         return self.prompt + self.response
+
+    def segments(self) -> tuple[Piece, ...]:
+        """The text as ``(piece, learned)`` pairs; a piece is tokenized on its own."""
+        return self.pieces or ((self.prompt, False), (self.response, True))
 
 
 def _query(example: Example, fmt: PromptFormat) -> tuple[str, str | None]:
@@ -131,12 +152,10 @@ def render(
     if fmt.type == "chat":
         if chat_renderer is None:
             raise ValueError("the chat format needs the tokenizer's chat template")
+        if example.chat is not None:
+            return render_chat(example.chat, chat_renderer)
         messages = example.messages or _as_messages(example, fmt)
-        prompt = chat_renderer(messages[:-1], True)
-        full = chat_renderer(messages, False)
-        if not full.startswith(prompt):
-            raise ValueError("the tokenizer's chat template does not extend the prompt")
-        return Rendered(prompt, full[len(prompt) :])
+        return render_reply(chat_renderer, messages[:-1], messages[-1])
     # custom
     assert fmt.prompt_template is not None and fmt.response_template is not None
     values = {**example.fields, "instruction": example.instruction or fmt.instruction or ""}
@@ -148,6 +167,68 @@ def render(
     except KeyError as e:
         raise ValueError(f"template field {e} is not a column of the record") from e
     return Rendered(prompt, response + (fmt.end or ""))
+
+
+def render_reply(chat_renderer: ChatRenderer, messages: list[dict[str, Any]],
+                 reply: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> Rendered:
+    """One assistant message after a conversation, as training renders it: the prompt is the
+    conversation with the template's generation prompt (what inference sends), the response
+    the text the template adds for ``reply`` (its tool calls and end-of-turn marker
+    included).
+
+    Args:
+        messages: normalised messages before the reply (``shared.chat.check_messages``).
+        reply: one normalised assistant message (``shared.chat.check_reply``).
+        tools: the function specs the conversation declares.
+
+    Raises:
+        ValueError: the template renders the conversation differently once the reply is
+            added (its text does not start with the prompt's).
+    """
+    prompt = chat_renderer(messages, True, tools=tools)
+    full = chat_renderer([*messages, reply], False, tools=tools)
+    if not full.startswith(prompt):
+        raise ValueError("the tokenizer's chat template does not extend the prompt")
+    return Rendered(prompt, full[len(prompt):])
+
+
+def render_chat(chat: Chat, chat_renderer: ChatRenderer) -> Rendered:
+    """A chat record for training: every learned assistant message (weight not 0, tool calls
+    included) is learned, everything else is context.
+
+    Each learned message is cut out as :func:`render_reply` cuts a reply: the text the
+    template adds for it after the conversation before it. The conversation up to a message
+    must render as the start of the conversation up to a later one.
+
+    Raises:
+        ValueError: the template renders an earlier turn differently once more follow.
+    """
+    pieces: list[Piece] = []
+    done = ""  # the text of the messages cut so far
+    last = len(chat.messages) - 1
+    for k in sorted({*chat.learned, last}):
+        turn = render_reply(chat_renderer, chat.messages[:k], chat.messages[k], chat.tools)
+        if not turn.prompt.startswith(done):
+            raise ValueError(f"the tokenizer's chat template renders messages[:{k}] "
+                             "differently once more messages follow, so the turns to learn "
+                             "cannot be cut out of the conversation")
+        pieces += [(turn.prompt[len(done):], False), (turn.response, k in chat.learned)]
+        done = turn.text
+    if chat.learned == (last,):
+        return turn
+    return Rendered(turn.prompt, turn.response, tuple(_merge(pieces)))
+
+
+def _merge(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent pieces of the same kind as one (context pieces in a row are tokenized as
+    one text, as a prompt is)."""
+    out: list[Piece] = []
+    for text, learned in pieces:
+        if out and out[-1][1] == learned:
+            out[-1] = (out[-1][0] + text, learned)
+        elif text or learned:
+            out.append((text, learned))
+    return out
 
 
 def _as_messages(example: Example, fmt: PromptFormat) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from shared import lifecycle
 from shared.db import session_scope
 from shared.dependencies import log_failure
-from shared.errors import LorafleetError
+from shared.errors import DependencyUnavailable, LorafleetError
 from shared.files import get_file, open_content
 from shared.lifecycle import JobStatus
 from shared.models import Job
@@ -46,6 +46,8 @@ def check_job_files(job_id: str) -> JobStatus | None:
             if spec.validation_file:
                 inputs.append(("validation_file", open_content(
                     get_file(s, spec.validation_file, job.project))))
+        except DependencyUnavailable:
+            raise  # storage is away: the sweeper checks the job again later
         except LorafleetError as e:
             return _fail(job_id, e)
     fmt = spec.prompt_format

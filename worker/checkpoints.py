@@ -1,16 +1,33 @@
-"""Complete checkpoints only: a marker written last, cleanup of leftovers, retention."""
+"""Complete checkpoints only.
+
+On the worker's disk, the Trainer's checkpoint folder is renamed into place with a marker
+written last (``checkpoint-N`` only ever exists complete). In storage, a checkpoint is
+committed by its manifest (:mod:`shared.storage.folders`) under its attempt's own prefix
+(``jobs/<job>/attempt-<n>/checkpoint-<step>``) and recorded on the job's row: the database
+says which checkpoints a job has, and each one's manifest says which files it holds.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from shared.storage import COMPLETE_MARKER
+from sqlalchemy import select
+
+from shared import storage
+from shared.db import session_scope
+from shared.models import Checkpoint
+from shared.storage import COMPLETE_MARKER, NodeCache, ObjectMissing, Store
+from shared.storage.folders import DamagedFolder, Manifest, delete_folder
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -35,16 +52,17 @@ def write_marker(path: Path, step: int) -> None:
 
 
 def complete_checkpoint(path: Path) -> bool:
-    """True when ``path`` holds a finished checkpoint whose files match its marker."""
+    """True when ``path`` holds a finished checkpoint whose files match its marker (or, in a
+    storage folder, its manifest) in size."""
     marker = path / COMPLETE_MARKER
     if not marker.is_file():
         return False
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+        files = Manifest.parse(marker.read_bytes(), str(path)).files
+    except DamagedFolder:
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size
-               for name, size in files.items())
+    return all((path / name).is_file() and (path / name).stat().st_size == entry.size
+               for name, entry in files.items())
 
 
 def step_of(path: Path) -> int | None:
@@ -89,3 +107,99 @@ def apply_retention(root: Path, keep: int,
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(step)
     return deleted
+
+
+# --------------------------------------------------------------------------- in storage
+@dataclass(frozen=True)
+class Recorded:
+    """A checkpoint the job's row lists (retention has not deleted it)."""
+
+    step: int
+    attempt: int
+    key: str  # its folder in storage
+
+
+def recorded(job_id: str) -> list[Recorded]:
+    """The job's recorded checkpoints, oldest first (a step saved by two attempts: the later
+    one last)."""
+    with session_scope() as s:
+        rows = s.execute(select(Checkpoint.step_number, Checkpoint.attempt, Checkpoint.path)
+                         .where(Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False))
+                         .order_by(Checkpoint.step_number, Checkpoint.seq)).all()
+    return [Recorded(step, attempt, path) for step, attempt, path in rows]
+
+
+_ATTEMPT_FOLDER = re.compile(r"^(jobs/[^/]+/attempt-(\d+)/[^/]+)/")
+
+
+def clean_store(store: Store, job_id: str, attempt: int, keep: Iterable[str]) -> list[str]:
+    """Delete what earlier attempts of the job left in storage and no record names: folders
+    without a manifest (a worker killed mid-upload), committed folders whose record never
+    came (an attempt that lost its lease or died right after its commit), and the parts of
+    unfinished uploads. Returns the folders deleted.
+
+    Only earlier attempts are touched: this attempt holds the job's lease, so no later one
+    exists, and an earlier one still writing has lost its lease (its commit is fenced).
+    """
+    kept = set(keep)
+    doomed: set[str] = set()
+    for key in store.list(storage.job_prefix(job_id)):
+        m = _ATTEMPT_FOLDER.match(key)
+        if m and int(m[2]) < attempt and m[1] not in kept:
+            doomed.add(m[1])
+    for folder in sorted(doomed):
+        delete_folder(store, folder)
+    store.abort_uploads(storage.job_prefix(job_id))
+    return sorted(doomed)
+
+
+def fetch_checkpoint(store: Store, cache: NodeCache, key: str) -> Path:
+    """A recorded checkpoint as a local folder (fetched to the node's cache, or the stored
+    folder itself on ``file://`` storage), every file checked against its manifest.
+
+    Raises:
+        ObjectMissing: no committed checkpoint there.
+        DamagedFolder: a file is missing or not what the manifest says.
+        StorageUnavailable: storage cannot be reached.
+    """
+    return cache.folder(store, key, verify=True)
+
+
+def resume_point(job_id: str, last_good: str | None, last_good_step: int | None
+                 ) -> tuple[int, Path] | None:
+    """Where an attempt resumes: the job's last good checkpoint, fetched and checked; if it is
+    gone or damaged, the newest older recorded one that is whole (better than starting over).
+
+    Raises:
+        StorageUnavailable: storage cannot be reached (the attempt is retried later).
+    """
+    if last_good is None:
+        return None
+    store, cache = storage.get_store(), storage.get_cache()
+    older = [r for r in reversed(recorded(job_id)) if r.key != last_good
+             and (last_good_step is None or r.step <= last_good_step)]
+    candidates = [(last_good_step, last_good)] + [(r.step, r.key) for r in older]
+    for step, key in candidates:
+        try:
+            path = fetch_checkpoint(store, cache, key)
+        except (ObjectMissing, DamagedFolder) as e:
+            log.warning("checkpoint %s of %s is gone or damaged (%s)", key, job_id, e)
+            continue
+        if step is None:
+            step = int(json.loads((path / "trainer_state.json").read_text())["global_step"])
+        return step, path
+    return None
+
+
+def apply_store_retention(store: Store, job_id: str, keep: int,
+                          protect: Iterable[int | None] = ()) -> list[int]:
+    """Delete from storage all but the newest ``keep`` recorded checkpoints of the job, never
+    those of the steps in ``protect`` (the best one); returns the steps deleted, for the
+    caller to mark (folders go first: a listed checkpoint never lacks its files for long)."""
+    rows = recorded(job_id)
+    steps = sorted({r.step for r in rows})
+    kept = set(steps[-keep:] if keep > 0 else []) | {p for p in protect if p is not None}
+    doomed = [r for r in rows if r.step not in kept]
+    for row in doomed:
+        delete_folder(store, row.key)
+    return sorted({r.step for r in doomed})

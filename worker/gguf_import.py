@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import mmap
 import os
@@ -30,13 +29,14 @@ from math import prod
 from pathlib import Path
 from typing import Any, cast
 
+from shared.storage.folders import sha256_of
+
 # GGUF ``general.architecture`` values this import converts. transformers dequantizes more, but
 # these are the ones whose conversion the tests check weight by weight. "llama" also covers the
 # files of Mistral, SmolLM, TinyLlama and other models llama.cpp writes with Llama's layout.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 MANIFEST = "lorafleet-import.json"
 _PARTIAL = ".partial-"  # marks the hidden folder a conversion writes into, before its rename
-_HASH_CHUNK = 1 << 20
 
 
 class GgufImportError(Exception):
@@ -202,13 +202,7 @@ def inspect_gguf(path: str | Path) -> GgufSummary:
 
 
 # --------------------------------------------------------------------------- the model folder
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = sha256_of  # hex sha256 of a file, read in 1 MiB chunks
 
 
 def folder_problem(folder: Path, source_sha256: str | None = None) -> str | None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +22,21 @@ from typing import Any
 
 from datasets import Dataset, load_from_disk
 
+from modelio.chat_template import chat_renderer as make_chat_renderer
+from modelio.chat_template import probe_tool_format
 from shared import storage
-from shared.errors import InvalidDataset
+from shared.errors import InvalidDataset, StorageUnavailable
+from shared.hermes import ToolFormat
 from shared.records import iter_examples
 from shared.schemas import TrainingSpec
-from shared.templates import Rendered, render
+from shared.storage import ObjectMissing, folders
+from shared.storage.folders import DamagedFolder
+from shared.templates import ChatRenderer, Rendered, render
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-PREPROCESS_VERSION = "1"  # bump when the token layout changes, so caches are rebuilt
+PREPROCESS_VERSION = "2"  # bump when the token layout changes, so caches are rebuilt
 TOKENIZE_BATCH = 256
 
 
@@ -39,30 +48,42 @@ class Prepared:
     dropped_too_long: int
     validation_examples: int | None
     cached: bool
+    # How chats with tools were rendered (``modelio.chat_template``); None: not a chat job.
+    tool_format: ToolFormat | None = None
 
 
-def chat_renderer(tokenizer: Any):  # type: ignore[no-untyped-def]
-    """The tokenizer's chat template as a ``templates.ChatRenderer``."""
-
-    def _render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidDataset("the chat format needs a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    return _render
+def tool_format(spec: TrainingSpec, tokenizer: Any) -> ToolFormat | None:
+    """How the job renders chats with tools (``modelio.chat_template``'s probe of the
+    tokenizer); ``None`` for the formats that take no tools."""
+    return probe_tool_format(tokenizer) if spec.prompt_format.type == "chat" else None
 
 
-def render_file(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> list[Rendered]:
+def chat_renderer(tokenizer: Any, tools_as: ToolFormat | None = None) -> ChatRenderer:
+    """The tokenizer's chat template as a ``templates.ChatRenderer``, tools rendered
+    ``tools_as`` (``None``: as the probe of the tokenizer says).
+
+    Raises:
+        InvalidDataset: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidDataset("the chat format needs a tokenizer with a chat template",
+                             param="prompt_format")
+    return make_chat_renderer(tokenizer, tools_as or probe_tool_format(tokenizer))
+
+
+def render_file(path: Path, spec: TrainingSpec, tokenizer: Any, param: str,
+                tools_as: ToolFormat | None = None) -> list[Rendered]:
     """Render every record of a stored JSONL file with the job's prompt format; records are
     checked as a job's files are (``records.iter_examples``).
+
+    Args:
+        tools_as: the tool format of a chat job (:func:`tool_format`; ``None``: probed).
 
     Raises:
         InvalidDataset: naming the line of a record that does not fit.
     """
     fmt = spec.prompt_format
-    renderer = chat_renderer(tokenizer) if fmt.type == "chat" else None
+    renderer = chat_renderer(tokenizer, tools_as) if fmt.type == "chat" else None
     out = []
     for lineno, example in iter_examples(path, column_map=spec.column_map, prompt_format=fmt,
                                          param=param):
@@ -76,22 +97,36 @@ def render_file(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> l
 def tokenize(
     rendered: list[Rendered], tokenizer: Any, max_length: int, train_on_inputs: bool
 ) -> tuple[dict[str, list[list[int]]], int]:
-    """Batch-tokenize; returns columns ``input_ids``/``labels`` and the number dropped."""
-    eos = tokenizer.eos_token_id
+    """Batch-tokenize; returns columns ``input_ids``/``labels`` and the number dropped.
+
+    Each piece of an example (its prompt and response, or a chat's ``segments``) is tokenized
+    on its own, so that a learned turn starts on a token boundary exactly where inference's
+    prompt ends; the tokenizer's EOS follows the last piece and is learned with it. Labels
+    are ``-100`` on the pieces not learned (unless ``train_on_inputs``).
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     dropped = 0
     for start in range(0, len(rendered), TOKENIZE_BATCH):
-        chunk = rendered[start : start + TOKENIZE_BATCH]
-        prompts = tokenizer([r.prompt for r in chunk], add_special_tokens=False)["input_ids"]
-        responses = tokenizer([r.response for r in chunk], add_special_tokens=False)["input_ids"]
-        for p, r in zip(prompts, responses, strict=True):
-            ids = p + r + ([eos] if eos is not None else [])
+        chunk = [r.segments() for r in rendered[start : start + TOKENIZE_BATCH]]
+        texts = [text for segments in chunk for text, _learned in segments]
+        pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+        for segments in chunk:
+            ids: list[int] = []
+            mask: list[bool] = []
+            for _text, learned in segments:
+                piece = next(pieces)
+                ids += piece
+                mask += [learned] * len(piece)
+            ids += eos
+            mask += [segments[-1][1]] * len(eos)
             if len(ids) >= max_length:  # the seed's rule: drop what reaches max_length
                 dropped += 1
                 continue
             input_ids.append(ids)
-            labels.append(ids.copy() if train_on_inputs else [IGNORE_INDEX] * len(p) + ids[len(p):])
+            labels.append(ids.copy() if train_on_inputs else
+                          [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
     return {"input_ids": input_ids, "labels": labels}, dropped
 
 
@@ -114,12 +149,14 @@ def fingerprint(spec: TrainingSpec, tokenizer: Any, file_hashes: list[str]) -> s
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-# Builds one file's data set: (path, spec, tokenizer, param) -> (data set, examples dropped).
-Builder = Callable[[Path, TrainingSpec, Any, str], tuple[Dataset, int]]
+# Builds one file's data set: (path, spec, tokenizer, param, how tools are rendered) ->
+# (data set, examples dropped).
+Builder = Callable[[Path, TrainingSpec, Any, str, ToolFormat | None], tuple[Dataset, int]]
 
 
-def _build(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> tuple[Dataset, int]:
-    rendered = render_file(path, spec, tokenizer, param)
+def _build(path: Path, spec: TrainingSpec, tokenizer: Any, param: str,
+           tools_as: ToolFormat | None) -> tuple[Dataset, int]:
+    rendered = render_file(path, spec, tokenizer, param, tools_as)
     columns, dropped = tokenize(rendered, tokenizer, spec.max_length, spec.train_on_inputs)
     return Dataset.from_dict(columns), dropped
 
@@ -144,15 +181,14 @@ def prepare(
         InvalidDataset: a bad record, or no example shorter than ``max_length``.
     """
     key = fingerprint(spec, tokenizer, [train_hash, valid_hash or ""])
-    cache = storage.dataset_cache_dir(key)
-    meta_path = cache / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        train = load_from_disk(str(cache / "train"))
-        valid = load_from_disk(str(cache / "validation")) if meta["validation"] else None
-        return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True)
+    folder = storage.dataset_cache_key(train_hash, key)
+    # The probe reads the chat template alone, which the cache key holds: the same answer.
+    tools_as = tool_format(spec, tokenizer)
+    cached = _load_cached(folder, tools_as)
+    if cached is not None:
+        return cached
 
-    train, dropped = build(train_path, spec, tokenizer, "training_file")
+    train, dropped = build(train_path, spec, tokenizer, "training_file", tools_as)
     if len(train) == 0:
         raise InvalidDataset(
             f"training_file: all {dropped} examples reach max_length={spec.max_length} tokens "
@@ -161,25 +197,44 @@ def prepare(
         )
     valid = None
     if valid_path is not None:
-        valid, _ = build(valid_path, spec, tokenizer, "validation_file")
+        valid, _ = build(valid_path, spec, tokenizer, "validation_file", tools_as)
         if len(valid) == 0:
             raise InvalidDataset(
                 f"validation_file: every example reaches max_length={spec.max_length}",
                 param="validation_file",
             )
-    # Build next to the final folder, then rename: a crash leaves no half-written cache.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{key}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    train.save_to_disk(str(tmp / "train"))
-    if valid is not None:
-        valid.save_to_disk(str(tmp / "validation"))
     meta = {"examples": len(train), "dropped": dropped,
             "validation": len(valid) if valid is not None else None}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another attempt finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Prepared(train, valid, len(train), dropped, meta["validation"], False)
+    _store_cached(folder, train, valid, meta)
+    return Prepared(train, valid, len(train), dropped, meta["validation"], False, tools_as)
 
+
+def _load_cached(folder: str, tools_as: ToolFormat | None) -> Prepared | None:
+    """The data sets an earlier attempt built with the same fingerprint, from storage."""
+    try:
+        local = storage.get_cache().folder(storage.get_store(), folder)
+        meta = json.loads((local / "meta.json").read_text())
+        train = load_from_disk(str(local / "train"))
+        valid = load_from_disk(str(local / "validation")) if meta["validation"] else None
+    except (ObjectMissing, DamagedFolder, StorageUnavailable, OSError, ValueError, KeyError):
+        return None  # not built yet, or unreadable: build it (again)
+    return Prepared(train, valid, meta["examples"], meta["dropped"], meta["validation"], True,
+                    tools_as)
+
+
+def _store_cached(folder: str, train: Dataset, valid: Dataset | None,
+                  meta: dict[str, Any]) -> None:
+    """Keep the data sets for later attempts. Built locally, then committed in storage; two
+    attempts building the same set at once each write their own files, and the first commit
+    wins (theirs are identical). A store that cannot take it costs the cache, not the job."""
+    work = storage.get_cache().workspace("datasets", f"{os.getpid()}.{uuid.uuid4().hex}")
+    try:
+        train.save_to_disk(str(work / "train"))
+        if valid is not None:
+            valid.save_to_disk(str(work / "validation"))
+        (work / "meta.json").write_text(json.dumps(meta))
+        folders.commit_folder(storage.get_store(), work, folder, base=uuid.uuid4().hex)
+    except (folders.AlreadyCommitted, StorageUnavailable) as e:
+        log.info("preprocessed data %s not cached: %s", folder, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -26,8 +27,10 @@ from shared.lifecycle import Claim, JobStatus, LeaseLost
 from shared.models import File
 from shared.schemas import TrainingSpec
 from shared.settings import get_settings
+from shared.storage import folders
 from worker import checkpoints
 from worker import metrics as worker_metrics
+from worker.commits import SETUP_SECONDS, Committer, with_backoff
 from worker.evaluation import record_evaluation
 from worker.training import (
     CheckpointInfo,
@@ -111,18 +114,28 @@ class JobHooks(Hooks):
         self.claim = claim
         self.beat = beat
         self.step = 0
-        self.ckpt_root = storage.checkpoints_dir(claim.job_id)
         self.wandb: WandbRun | None = None
+        # The Trainer's checkpoints and the final adapter, on this node until committed.
+        self.workspace = storage.get_cache().workspace(claim.job_id, f"attempt-{claim.attempt}")
+        for stale in self.workspace.parent.glob("attempt-*"):  # of attempts killed here
+            if stale != self.workspace:
+                shutil.rmtree(stale, ignore_errors=True)
+        self.ckpt_root = self.workspace / "checkpoints"
+        self.committer = Committer(claim.job_id, claim.attempt, self._record_checkpoint,
+                                   beat.lost)
 
     def report(self, level: str, message: str, data: dict[str, Any]) -> None:
         """An event from an integration; a database hiccup drops it rather than the job."""
         self.write(best_effort=True, event=message, level=level, event_data=data)
 
     def close(self, outcome: str) -> None:
-        """The attempt ended with ``outcome``: end the integrations' runs."""
+        """The attempt ended with ``outcome``: end the integrations' runs, stop committing,
+        and clear the attempt's working files from this node."""
+        self.committer.close()
         if self.wandb is not None:
             self.wandb.finish(outcome)
             self.wandb = None
+        shutil.rmtree(self.workspace, ignore_errors=True)
 
     def write(self, *, best_effort: bool = False, **values: Any) -> None:
         """A fenced write to the job row. Progress writes are ``best_effort``: during a short
@@ -192,18 +205,35 @@ class JobHooks(Hooks):
             self.wandb.on_early_stop(stop)
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
+        """Committed to storage in the background (:mod:`worker.commits`)."""
         try:
-            with_db_retry(lifecycle.record_checkpoint, self.claim.job_id, self.claim.attempt,
-                          checkpoint.step, storage.relative(checkpoint.path),
-                          checkpoint.metrics())
+            self.committer.submit(checkpoint)
         except LeaseLost:
             self.beat.lost.set()
             raise StopTraining("lease lost") from None
-        deleted = checkpoints.apply_retention(self.ckpt_root, get_settings().keep_checkpoints,
-                                              protect=[checkpoint.path, checkpoint.best_path])
+
+    def _record_checkpoint(self, checkpoint: CheckpointInfo, key: str) -> None:
+        """A committed checkpoint becomes the job's resume point; retention follows (on the
+        committing thread)."""
+        with_db_retry(lifecycle.record_checkpoint, self.claim.job_id, self.claim.attempt,
+                      checkpoint.step, key, checkpoint.metrics())
+        best = checkpoints.step_of(checkpoint.best_path) if checkpoint.best_path else None
+        deleted = checkpoints.apply_store_retention(
+            storage.get_store(), self.claim.job_id, get_settings().keep_checkpoints,
+            protect=[checkpoint.step, best])
         with_db_retry(lifecycle.mark_checkpoints_deleted, self.claim.job_id, deleted)
         if self.wandb is not None:
             self.wandb.on_checkpoint(checkpoint)
+
+    def local_checkpoint(self, path: Path) -> Path:
+        if checkpoints.complete_checkpoint(path):
+            return path
+        step = checkpoints.step_of(path)
+        saved = [r for r in checkpoints.recorded(self.claim.job_id) if r.step == step]
+        if not saved:
+            return path  # the reader reports it gone
+        return checkpoints.fetch_checkpoint(storage.get_store(), storage.get_cache(),
+                                            saved[-1].key)
 
     def should_stop(self) -> str | None:
         if self.beat.lost.is_set():
@@ -248,19 +278,11 @@ def _give_up_lease(claim: Claim, step: int) -> None:
         log_failure(log, f"could not give {claim.job_id} back", e)
 
 
-def _resume_point(claim: Claim) -> Path | None:
-    """The job's last good checkpoint, if it is still complete on disk."""
-    if not claim.last_good_checkpoint:
-        return None
-    path = storage.root() / claim.last_good_checkpoint
-    if checkpoints.complete_checkpoint(path):
-        return path
-    # Damaged or deleted by hand: an older complete checkpoint still beats starting over.
-    older = [p for step, p in checkpoints.list_complete(storage.checkpoints_dir(claim.job_id))
-             if claim.last_good_step is None or step <= claim.last_good_step]
-    log.warning("checkpoint %s of %s is gone or incomplete; %s", path, claim.job_id,
-                f"falling back to {older[-1].name}" if older else "starting over")
-    return older[-1] if older else None
+def _resume_point(claim: Claim) -> tuple[int, Path] | None:
+    """The job's last good checkpoint, fetched to this node and checked; an older recorded
+    one if it is gone or damaged."""
+    return checkpoints.resume_point(claim.job_id, claim.last_good_checkpoint,
+                                    claim.last_good_step)
 
 
 def run_job(job_id: str, worker: str | None = None) -> str:
@@ -311,23 +333,29 @@ def run_job(job_id: str, worker: str | None = None) -> str:
 def _attempt(claim: Claim, hooks: JobHooks) -> str:
     settings = get_settings()
     spec = TrainingSpec.model_validate(claim.spec)
-    ckpt_root = storage.checkpoints_dir(claim.job_id)
-    leftovers = checkpoints.clean_incomplete(ckpt_root)
+    store = storage.get_store()
+    ckpt_root = hooks.ckpt_root
+    # A store or database that is away for a moment delays the start; it costs no attempt.
+    leftovers = with_backoff(lambda: checkpoints.clean_store(
+        store, claim.job_id, claim.attempt, [r.key for r in checkpoints.recorded(claim.job_id)]),
+        f"cleaning up after earlier attempts of {claim.job_id}", budget=SETUP_SECONDS)
     if leftovers:
-        names = sorted(p.name for p in leftovers)
-        log.info("job %s: removed incomplete checkpoints %s", claim.job_id, names)
-        hooks.write(event="Removed incomplete checkpoint folders left by an interrupted save: "
-                          + ", ".join(names), event_data={"removed": names})
-        steps = [n for p in leftovers if (n := checkpoints.step_of(p)) is not None]
-        with_db_retry(lifecycle.mark_checkpoints_deleted, claim.job_id, steps)
-    resume = _resume_point(claim)
-    if resume is not None:
-        step = checkpoints.step_of(resume)
+        log.info("job %s: removed %s", claim.job_id, leftovers)
+        hooks.write(event="Removed checkpoint folders that earlier attempts left uncommitted "
+                          "or unrecorded: " + ", ".join(leftovers),
+                    event_data={"removed": leftovers})
+    resumed = with_backoff(lambda: _resume_point(claim), f"fetching the resume point of "
+                           f"{claim.job_id}", budget=SETUP_SECONDS)
+    resume = resumed[1] if resumed is not None else None
+    if resumed is not None:
+        step = resumed[0]
         hooks.write(resumed_from_step=step,
                      event=f"Resumed from checkpoint-{step} on attempt {claim.attempt}",
                      event_data={"step": step, "attempt": claim.attempt})
 
-    (train_path, train_hash), valid = with_db_retry(_input_files, claim.project, spec)
+    (train_path, train_hash), valid = with_backoff(
+        lambda: with_db_retry(_input_files, claim.project, spec),
+        f"fetching the files of {claim.job_id}", budget=SETUP_SECONDS)
     valid_path, valid_hash = valid if valid else (None, None)
 
     hooks.wandb = _wandb_run(claim, spec, hooks)
@@ -338,10 +366,11 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         hooks.write(event="Using the preprocessed data set cached by an earlier attempt")
     name = fine_tuned_model_name(claim.model, claim.suffix, claim.job_id)
     result = train_adapter(
-        spec, tokenizer, data, ckpt_root, storage.adapter_dir(claim.job_id),
+        spec, tokenizer, data, ckpt_root, hooks.workspace / "adapter",
         resume_from=resume, device=settings.device, hooks=hooks,
         adapter_meta={"job_id": claim.job_id, "fine_tuned_model": name},
     )
+    hooks.committer.drain()  # a paused or preempted job resumes from its last checkpoint
     if result.stopped == "cancel":
         with_db_retry(lifecycle.finish, claim.job_id, claim.attempt, JobStatus.CANCELLED,
                       message=f"Job cancelled at step {result.step}")
@@ -359,20 +388,33 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
         record_evaluation(hooks, spec, result.adapter_dir, valid_path, device=settings.device,
                           max_examples=settings.eval_max_examples,
                           max_new_tokens=settings.eval_max_new_tokens)
+    adapter = storage.adapter_key(claim.job_id, claim.attempt)
+    try:
+        with_backoff(lambda: folders.commit_folder(
+            store, result.adapter_dir, adapter, meta={"attempt": claim.attempt},
+            before_commit=hooks.committer.fence), f"committing the adapter of {claim.job_id}")
+    except LeaseLost:
+        hooks.committer.take_back(adapter)
+        raise
     results = _store_results(claim, hooks, result, results_columns(method.metric_names))
     done = with_db_retry(
         lifecycle.finish, claim.job_id, claim.attempt, JobStatus.SUCCEEDED,
-        message=f"Fine-tuning job succeeded: {name}, adapter at {result.adapter_dir}",
-        fine_tuned_model=name, adapter_dir=storage.relative(result.adapter_dir),
+        message=f"Fine-tuning job succeeded: {name}, adapter at {store.url(adapter)}",
+        fine_tuned_model=name, adapter_dir=adapter,
         trained_tokens=result.trained_tokens, estimated_finish=None,
         result_files=[f.id for f in results],
     )
     if not done:
         _drop_results(results)
+        hooks.committer.take_back(adapter)
         raise LeaseLost("lost the lease at the end of training")
-    deleted = checkpoints.apply_retention(ckpt_root, settings.keep_checkpoints,
-                                          protect=result.best_checkpoint)
+    best = checkpoints.step_of(result.best_checkpoint) if result.best_checkpoint else None
+    deleted = checkpoints.apply_store_retention(store, claim.job_id, settings.keep_checkpoints,
+                                                protect=[best])
     with_db_retry(lifecycle.mark_checkpoints_deleted, claim.job_id, deleted)
+    # What earlier attempts left unrecorded (a step saved again replaces its record).
+    checkpoints.clean_store(store, claim.job_id, claim.attempt,
+                            [r.key for r in checkpoints.recorded(claim.job_id)])
     return "succeeded"
 
 
@@ -399,7 +441,8 @@ def _wandb_run(claim: Claim, spec: TrainingSpec, hooks: JobHooks) -> WandbRun | 
     config = {"job_id": claim.job_id, "attempt": claim.attempt,
               "fine_tuned_model": fine_tuned_model_name(claim.model, claim.suffix, claim.job_id),
               **spec.model_dump(mode="json", exclude={"integrations"})}
-    return WandbRun(options, run_id=claim.job_id, directory=storage.job_dir(claim.job_id),
+    return WandbRun(options, run_id=claim.job_id,
+                    directory=storage.local_folder("jobs", claim.job_id),
                     config=config, mode=mode, report=hooks.report)
 
 
@@ -427,7 +470,7 @@ def _drop_results(rows: list[File]) -> None:
         with session_scope() as s:
             for row in rows:
                 s.execute(delete(File).where(File.id == row.id))
-                (storage.root() / row.path).unlink(missing_ok=True)
+                storage.get_store().delete([row.path])
     except Exception:  # noqa: BLE001 - a stray file is no reason to stop giving the job back
         log.warning("could not remove result files %s", [r.id for r in rows], exc_info=True)
 

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 
 from api import files
-from api.deps import ProjectDep, SessionDep
+from api.deps import AsyncProjectDep, ProjectDep, SessionDep
 from api.presenters import file_public
-from shared.files import open_content
+from api.uploads import REQUEST_BODY, receive_upload
 from shared.schemas import FileDeleted, FilePublic, FilesPublic
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FilePublic)
-def upload_file(
-    session: SessionDep, project: ProjectDep, file: UploadFile,
-    purpose: Annotated[str, Form()] = "fine-tune",
-) -> FilePublic:
+@router.post("", response_model=FilePublic, openapi_extra={"requestBody": REQUEST_BODY})
+async def upload_file(request: Request, project: AsyncProjectDep) -> FilePublic:
     """Upload a JSONL data set; every line is validated before it is stored."""
-    row = files.save_upload(session, file.file, file.filename or "upload.jsonl", purpose, project)
-    return file_public(row)
+    return file_public(await receive_upload(request, project))
 
 
 @router.get("", response_model=FilesPublic)
@@ -43,11 +40,13 @@ def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> Fil
 
 
 @router.get("/{file_id}/content")
-def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
+def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> StreamingResponse:
     """Download a file's content."""
     row = files.get_file(session, file_id, project)
     media = "text/csv" if row.record_format == "csv" else "application/jsonl"
-    return FileResponse(open_content(row), media_type=media, filename=row.filename)
+    return StreamingResponse(files.content_chunks(row), media_type=media, headers={
+        "Content-Length": str(row.bytes),
+        "Content-Disposition": content_disposition(row.filename)})
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
@@ -55,3 +54,12 @@ def delete_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileD
     """Delete a file (409 while an unfinished job uses it)."""
     files.delete_file(session, file_id, project)
     return FileDeleted(id=file_id)
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the file's name, RFC 6266's encoded form for a name that is not
+    plain ASCII (as Starlette's FileResponse writes it)."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'

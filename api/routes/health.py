@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
@@ -45,9 +44,7 @@ def _check_broker() -> None:
 
 
 def _check_storage() -> None:
-    root = storage.root()
-    if not root.is_dir() or not os.access(root, os.R_OK | os.W_OK | os.X_OK):
-        raise OSError(f"the storage folder {root} is missing or not writable")
+    storage.get_store().check()
 
 
 CHECKS: dict[str, Callable[[], None]] = {

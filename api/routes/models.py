@@ -10,6 +10,7 @@ from api.model_cache import model_cache
 from api.served_models import ModelDeleted, ModelPublic, ModelsPublic
 from api.status_cache import status_cache
 from shared import storage
+from shared.storage.folders import delete_folder
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -30,10 +31,11 @@ def retrieve_model(model: str, session: SessionDep, project: ProjectDep) -> Mode
 def delete_model(model: str, session: SessionDep, project: ProjectDep) -> ModelDeleted:
     """Delete a fine-tuned model (or a checkpoint's): its adapter's files go, its job keeps
     its history; the name is no longer listed or served."""
-    folder = served_models.delete_model(session, project, model)
+    doomed = served_models.delete_model(session, project, model)
     session.commit()  # first: a failed commit must leave the model whole, files included
     model_cache.forget((project, model))
-    storage.remove_tree(folder)
+    for folder in doomed:
+        delete_folder(storage.get_store(), folder)
     job_id = served_models.job_of(model)
     if job_id is not None:
         status_cache.forget(job_id)

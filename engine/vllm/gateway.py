@@ -26,6 +26,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import responses, tools
+from engine.adapter_folders import AdapterFolders
 from engine.adapters import AdapterRef, served_adapter
 from engine.prompts import Prepared, chat_prompt, completion_prompts, make_rows
 from engine.responses import Choice
@@ -51,14 +52,15 @@ class VllmEngine:
         settings: the engine's and the ``vllm_*`` settings.
         python: the vLLM environment's Python (None: only ``vllm_servers``).
         log_dir: where managed vLLM servers log.
-        adapter_root: when set, adapters are only loaded from under this folder.
+        adapters: where adapters come from (storage URLs fetched to the node's cache);
+            None: adapter paths are local folders.
         cpu: whether vLLM runs on the CPU.
     """
 
     def __init__(self, settings: Settings, python: str | None, log_dir: Path,
-                 adapter_root: Path | None = None, cpu: bool = True):
+                 adapters: AdapterFolders | None = None, cpu: bool = True):
         self.settings = settings
-        self.adapter_root = adapter_root.resolve() if adapter_root else None
+        self.adapters = adapters
         self.client = internal_client(settings.engine_timeout_seconds)
         self.servers = ServerManager(settings, python, log_dir, self.client, cpu)
         self.loras = Loras(settings, self.client)
@@ -112,7 +114,7 @@ class VllmEngine:
         """
         target = body.target
         text = self.text(target.base_model)
-        ref = served_adapter(target.adapter_path, self.adapter_root)
+        ref = served_adapter(target.adapter_path, self.adapters)
         rank = 0
         if ref is not None:
             if ref.name not in self._adapter_ranks:

@@ -115,8 +115,9 @@ def test_models_that_do_not_resolve_are_read_every_time(api_with: Callable[..., 
     # The worker finishes the job: usable at once, however recently it was refused.
     with session_scope() as s:
         s.execute(update(Job).where(Job.id == running.id).values(
-            status="succeeded", fine_tuned_model=name, adapter_dir=f"jobs/{running.id}/adapter"))
-    adapter_files(storage.adapter_dir(running.id))
+            status="succeeded", fine_tuned_model=name,
+            adapter_dir=storage.adapter_key(running.id, 1)))
+    adapter_files(storage.adapter_key(running.id, 1))
     api.resolved(name)
 
 

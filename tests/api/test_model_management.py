@@ -8,7 +8,6 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,9 +19,11 @@ from shared import storage
 from shared.ids import fine_tuned_model_name, new_id, now
 from shared.models import Checkpoint, Job
 from shared.schemas import LoraSpec, TrainingSpec
+from shared.storage import folders
 from shared.templates import PromptFormat
 from tests.support import dialogsum_records, jsonl_bytes
 from tests.support.backends import require_postgres
+from tests.support.stored import commit_files, folder_gone
 
 BASE = "/models/tiny"
 FORMAT = PromptFormat(type="dolly", instruction="Summarize the below conversation.")
@@ -70,13 +71,13 @@ def job_count() -> int:
         return int(s.scalar(select(func.count()).select_from(Job)) or 0)
 
 
-def adapter_files(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": LORA.r, "lora_alpha": LORA.alpha,
-         "target_modules": TRAINED_ON}))
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
-    return folder
+def adapter_files(key: str) -> str:
+    """An adapter's folder committed in storage, as a worker commits it."""
+    return commit_files(key, {
+        "adapter_config.json": json.dumps({"peft_type": "LORA", "r": LORA.r,
+                                           "lora_alpha": LORA.alpha,
+                                           "target_modules": TRAINED_ON}),
+        "adapter_model.safetensors": b"weights"})
 
 
 def add_source(status: str = "succeeded", project: str = "p", *, files: bool = True,
@@ -94,9 +95,9 @@ def add_source(status: str = "succeeded", project: str = "p", *, files: bool = T
               status=status, training_file="file-x", spec=train_spec.model_dump(mode="json"),
               seed=0, user_metadata=metadata,
               fine_tuned_model=fine_tuned_model_name(BASE, "s", job_id) if done else None,
-              adapter_dir=f"jobs/{job_id}/adapter" if done else None)
+              adapter_dir=storage.adapter_key(job_id, 1) if done else None)
     if done and files:
-        adapter_files(storage.adapter_dir(job_id))
+        adapter_files(storage.adapter_key(job_id, 1))
     with session() as s:
         s.add(job)
         s.commit()
@@ -107,10 +108,10 @@ def add_source(status: str = "succeeded", project: str = "p", *, files: bool = T
 
 def add_checkpoint(job: Job, step: int) -> str:
     """A saved checkpoint of ``job``; returns its model's name."""
-    folder = adapter_files(storage.checkpoints_dir(job.id) / f"checkpoint-{step}")
+    folder = adapter_files(storage.checkpoint_key(job.id, 1, step))
     with session() as s:
         s.add(Checkpoint(id=f"ftckpt-{job.id}-{step}", job_id=job.id, created_at=now(),
-                         step_number=step, path=storage.relative(folder), metrics={},
+                         step_number=step, path=folder, metrics={},
                          attempt=1))
         s.commit()
     return f"{fine_tuned_model_name(BASE, 's', job.id)}:ckpt-step-{step}"
@@ -179,7 +180,7 @@ def test_a_job_continues_from_a_fine_tuned_model_with_its_base_shape_and_format(
     assert f"Continuing from {source.fine_tuned_model}" in api.events(job["id"])
     with session() as s:
         spec = s.scalar(select(Job.spec).where(Job.id == job["id"]))
-    assert spec["initial_adapter"] == f"jobs/{source.id}/adapter"
+    assert spec["initial_adapter"] == storage.adapter_key(source.id, 1)
 
 
 def test_a_job_continues_from_a_checkpoint(api: Api) -> None:
@@ -257,13 +258,13 @@ def test_deleting_a_fine_tuned_model(api: Api) -> None:
     source = add_source()
     name = str(source.fine_tuned_model)
     checkpoint = add_checkpoint(source, 2)
-    adapter = storage.adapter_dir(source.id)
+    adapter = storage.adapter_key(source.id, 1)
 
     r = api.delete(name)
     assert r.status_code == 200, r.text
     assert r.json() == {"id": name, "object": "model", "deleted": True}
 
-    assert not adapter.exists()
+    assert folder_gone(adapter)
     job = api.job(source.id)
     assert job["status"] == "succeeded" and job["fine_tuned_model"] == name
     assert job["fine_tuned_model_deleted_at"] is not None and job["adapter_path"] is None
@@ -287,7 +288,7 @@ def test_deleting_a_checkpoint_model(api: Api) -> None:
     r = api.delete(checkpoint)
     assert r.status_code == 200 and r.json()["deleted"] is True
 
-    assert not (storage.checkpoints_dir(source.id) / "checkpoint-2").exists()
+    assert folder_gone(storage.checkpoint_key(source.id, 1, 2))
     assert checkpoint not in api.models() and source.fine_tuned_model in api.models()
     listed = api.client.get(f"/v1/fine_tuning/jobs/{source.id}/checkpoints",
                             headers=api.headers).json()["data"]
@@ -317,8 +318,10 @@ def test_what_cannot_be_deleted_stays(api: Api) -> None:
     assert continued.json()["id"] in error_of(api.delete(str(used.fine_tuned_model)), 409,
                                               "model")["message"]
 
-    assert storage.adapter_dir(used.id).is_dir() and storage.adapter_dir(foreign.id).is_dir()
-    assert (storage.checkpoints_dir(running.id) / "checkpoint-2").is_dir()
+    store = storage.get_store()
+    assert all(folders.exists(store, key) for key in (
+        storage.adapter_key(used.id, 1), storage.adapter_key(foreign.id, 1),
+        storage.checkpoint_key(running.id, 1, 2)))
     assert {str(used.fine_tuned_model), running_checkpoint} <= set(api.models())
     assert api.job(used.id)["fine_tuned_model_deleted_at"] is None
 

@@ -80,8 +80,8 @@ def bad(line: int, path: str, value: Any) -> bytes:
     (bad(1, "non_preferred_output", ...), "line 1: missing column 'non_preferred_output'"),
     (bad(2, "preferred_output.0.role", "user"), "line 2: preferred_output[0].role must be "
                                                 "'assistant'"),
-    (bad(2, "non_preferred_output", []), "line 2: 'non_preferred_output' must be a list of "
-                                         "exactly one assistant message"),
+    (bad(2, "non_preferred_output", []), "line 2: non_preferred_output must be a list of "
+                                         "one assistant message"),
     (bad(3, "input.messages.0.role", "assistant"), "line 3: input.messages[0] is the "
                                                    "assistant's"),
     (bad(2, "input.messages.0.role", "robot"), "line 2: input.messages[0].role must be one of"),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -25,7 +26,7 @@ from tests.support import (
     list_all_events,
     upload_dialogsum,
 )
-from tests.support.stack import REPO_ROOT, Stack
+from tests.support.stack import REPO_ROOT, Stack, StackFactory, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -273,6 +274,52 @@ def test_a_person_trains_a_model_and_talks_to_it(
 
     tab.assert_no_trace_shown()
     assert not tab.console_errors, tab.console_errors
+
+
+# How the playground names /health's ``engine.backend``.
+ENGINE_NAMES = {"vllm": "vLLM", "builtin": "the built-in engine"}
+
+
+def shown_engine(tab: Console) -> tuple[str, str]:
+    """The engine the Models page says serves (``data-backend``) and the reason it gives, once
+    it has read /health."""
+    note = tab.page.locator("#pg-engine")
+    expect(note).to_have_attribute("data-backend", re.compile(r"."), timeout=LONG)
+    return str(note.get_attribute("data-backend")), str(note.locator(".reason").text_content())
+
+
+def test_the_playground_says_which_engine_serves_and_why(
+        console: Callable[..., Console], live: Stack, serving: ServingStack) -> None:
+    tab = console(live.base_url)
+    tab.open("console#/models")
+    tab.sign_in(live.key)
+    backend, reason = shown_engine(tab)
+    engine = httpx.get(f"{live.base_url}/health", timeout=30).json()["engine"]
+    assert engine["status"] == "ok"
+    assert (backend, reason) == (engine["backend"], engine["reason"])
+    assert backend == serving.backend  # the engine the stack started, vLLM where it installs
+    expect(tab.page.locator("#pg-engine strong")).to_have_text(ENGINE_NAMES[backend])
+    if backend == "vllm":
+        assert ".venv-vllm" in reason, reason
+    tab.screenshot("engine")
+    tab.assert_no_trace_shown()
+    assert not tab.console_errors, tab.console_errors
+
+
+def test_an_engine_that_does_not_answer_is_said_on_the_playground(
+        console: Callable[..., Console], make_stack: StackFactory) -> None:
+    # An API whose engine is not there: /health still answers 200 (the engine is informative).
+    stack = make_stack(workers=0, settings={"engine_url": f"http://127.0.0.1:{free_port()}"})
+    tab = console(stack.base_url)
+    tab.open("console#/models")
+    tab.sign_in(stack.key)
+    backend, reason = shown_engine(tab)
+    engine = httpx.get(f"{stack.base_url}/health", timeout=30).json()["engine"]
+    assert engine["status"] == "unavailable" and backend == "none"
+    assert reason == engine["reason"] and reason
+    expect(tab.page.locator("#pg-engine")).to_contain_text("does not answer")
+    tab.screenshot("engine-down")
+    tab.assert_no_trace_shown()
 
 
 def test_a_wrong_key_is_told_in_words(console: Callable[..., Console], live: Stack) -> None:

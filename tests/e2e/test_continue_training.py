@@ -1,6 +1,7 @@
 """Continued training, model deletion and the metadata filter through the openai SDK, on a
-real API and Celery worker: a job started from a fine-tuned model (or a checkpoint) trains
-those very weights further."""
+real API and Celery worker, on both backends (the adapter a job continues from comes from a
+folder or from S3): a job started from a fine-tuned model (or a checkpoint) trains those very
+weights further."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support import list_all_events, upload_dialogsum, wait_for_status
+from tests.support import BACKENDS, Stack, list_all_events, upload_dialogsum, wait_for_status
 
 pytestmark = pytest.mark.e2e
 
@@ -24,10 +25,17 @@ STILL = {"learning_rate": 1e-12, "logging_steps": 1, "batch_size": 4, "max_lengt
 SEED = 7
 
 
-def weights(folder: str | Path) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def stack(request: pytest.FixtureRequest, make_module_stack: Any) -> Stack:
+    """One stack per backend: embedded on a folder, Redis + PostgreSQL on S3."""
+    return make_module_stack(backend=request.param)
+
+
+def weights(stack: Stack, url: str) -> dict[str, Any]:
+    """The weights of the adapter folder at ``url`` (a storage URL)."""
     from safetensors.torch import load_file
 
-    return load_file(Path(folder) / "adapter_model.safetensors")
+    return load_file(stack.local_folder(url) / "adapter_model.safetensors")
 
 
 def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -80,11 +88,12 @@ def test_a_continued_job_reports_its_base_model_and_where_it_started(
     assert parents[done.fine_tuned_model] == source.fine_tuned_model
 
 
-def test_a_continued_job_starts_from_the_source_weights(client: openai.OpenAI, source: Any,
+def test_a_continued_job_starts_from_the_source_weights(stack: Stack, client: openai.OpenAI,
+                                                       source: Any,
                                                        continued: tuple[Any, Any]) -> None:
     _, done = continued
-    start, end = weights(source.model_extra["adapter_path"]), weights(
-        done.model_extra["adapter_path"])
+    start, end = weights(stack, source.model_extra["adapter_path"]), weights(
+        stack, done.model_extra["adapter_path"])
 
     # A fresh adapter starts with every B at zero; the source's are trained away from it.
     assert max(float(w.abs().max()) for k, w in start.items() if "lora_B" in k) > 1e-3
@@ -98,7 +107,7 @@ def test_a_continued_job_starts_from_the_source_weights(client: openai.OpenAI, s
     assert abs(continued_losses[0] - min(source_losses)) < source_losses[0] - continued_losses[0]
 
 
-def test_a_job_continues_from_a_checkpoint(client: openai.OpenAI, source: Any,
+def test_a_job_continues_from_a_checkpoint(stack: Stack, client: openai.OpenAI, source: Any,
                                            training_file: str) -> None:
     step3 = next(c for c in client.fine_tuning.jobs.checkpoints.list(source.id)
                  if c.step_number == 3)
@@ -112,9 +121,9 @@ def test_a_job_continues_from_a_checkpoint(client: openai.OpenAI, source: Any,
     assert done.model_extra["initial_model"] == step3.fine_tuned_model_checkpoint
     assert (f"Continuing from {step3.fine_tuned_model_checkpoint} (checkpoint-3)"
             in [e.message for e in list_all_events(client, done.id)])
-    end = weights(done.model_extra["adapter_path"])
-    assert same_weights(end, weights(step3.model_extra["path"]))
-    assert not same_weights(end, weights(source.model_extra["adapter_path"]))
+    end = weights(stack, done.model_extra["adapter_path"])
+    assert same_weights(end, weights(stack, step3.model_extra["path"]))
+    assert not same_weights(end, weights(stack, source.model_extra["adapter_path"]))
 
 
 def test_bad_continuations_are_refused_and_create_nothing(
@@ -152,12 +161,14 @@ def test_deleting_a_fine_tuned_model(client: openai.OpenAI, stack: Any,
                                      continued: tuple[Any, Any]) -> None:
     _, done = continued
     name = done.fine_tuned_model
-    adapter = Path(done.model_extra["adapter_path"])
+    store = stack.store()
+    adapter = store.key_of(done.model_extra["adapter_path"])
+    assert store.list(adapter + "/")
 
     deleted = client.models.delete(name)
 
     assert (deleted.id, deleted.object, deleted.deleted) == (name, "model", True)
-    assert not adapter.exists()
+    assert store.list(adapter + "/") == []  # no object of it left
     job = client.fine_tuning.jobs.retrieve(done.id)
     assert job.status == "succeeded" and job.fine_tuned_model == name
     assert job.model_extra["fine_tuned_model_deleted_at"] is not None

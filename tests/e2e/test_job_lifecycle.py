@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 
+from shared.storage import MANIFEST
 from tests.support import (
     BACKENDS,
     Stack,
@@ -96,26 +97,31 @@ def test_job_reports_parameters_and_dataset(finished: dict[str, Any]) -> None:
     assert job.attempt == 1
 
 
-def test_checkpoints_are_listed(client: openai.OpenAI, finished: dict[str, Any]) -> None:
+def test_checkpoints_are_listed(stack: Stack, client: openai.OpenAI,
+                                finished: dict[str, Any]) -> None:
     job = finished["job"]
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
 
     assert [c.step_number for c in checkpoints] == [8, 4]
     for ckpt in checkpoints:
-        assert Path(ckpt.path, "lorafleet-complete.json").is_file()
+        # Committed in the stack's storage: its manifest lists every file it holds.
+        store = stack.store()
+        manifest = json.loads(store.get_bytes(f"{store.key_of(ckpt.path)}/{MANIFEST}"))
+        assert {"adapter_model.safetensors", "optimizer.pt"} <= set(manifest["files"])
         assert ckpt.metrics.train_loss is not None
     assert job.last_good_checkpoint_step == 8
 
 
-def test_adapter_loads_with_peft_and_was_trained(finished: dict[str, Any],
+def test_adapter_loads_with_peft_and_was_trained(stack: Stack, finished: dict[str, Any],
                                                  tiny_model: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     job = finished["job"]
-    adapter = Path(job.adapter_path)
-    assert job.id in str(adapter)
+    assert job.id in job.adapter_path
+    assert job.adapter_path.startswith("s3://" if stack.storage == "s3" else "/")
+    adapter = stack.local_folder(job.adapter_path)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.tensor([[5, 17, 42, 99, 7]])
@@ -134,10 +140,11 @@ def test_adapter_loads_with_peft_and_was_trained(finished: dict[str, Any],
         "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
 
 
-def test_adapter_records_its_prompt_format(finished: dict[str, Any], tiny_model: Path) -> None:
+def test_adapter_records_its_prompt_format(stack: Stack, finished: dict[str, Any],
+                                          tiny_model: Path) -> None:
     job = finished["job"]
 
-    meta = json.loads(Path(job.adapter_path, "lorafleet.json").read_text())
+    meta = json.loads((stack.local_folder(job.adapter_path) / "lorafleet.json").read_text())
 
     assert meta["prompt_format"] == job.prompt_format
     assert meta["prompt_format"]["type"] == "dolly"

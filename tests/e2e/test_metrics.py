@@ -112,7 +112,8 @@ def metrics_events(events: list[Any], key: str) -> dict[int, dict[str, Any]]:
             and not e.message.startswith("Checkpoint")}
 
 
-def test_early_stopping_ends_the_job_with_the_best_checkpoint(run: dict[str, Any]) -> None:
+def test_early_stopping_ends_the_job_with_the_best_checkpoint(stack: Stack,
+                                                             run: dict[str, Any]) -> None:
     job, events = run["job"], run["events"]
     stop_step = SAVE_STEPS * (PATIENCE + 1)
     valid = metrics_events(events, "valid_loss")
@@ -129,10 +130,11 @@ def test_early_stopping_ends_the_job_with_the_best_checkpoint(run: dict[str, Any
     assert set(by_step) == {stop_step, best}
     from safetensors.torch import load_file
 
-    delivered = load_file(Path(job.adapter_path, "adapter_model.safetensors"))
-    saved = load_file(Path(by_step[best].path, "adapter_model.safetensors"))
+    adapter = stack.local_folder(job.adapter_path)
+    delivered = load_file(adapter / "adapter_model.safetensors")
+    saved = load_file(stack.local_folder(by_step[best].path) / "adapter_model.safetensors")
     assert all(torch.equal(delivered[k], saved[k]) for k in saved)
-    assert json.loads(Path(job.adapter_path, "lorafleet.json").read_text())["best_step"] == best
+    assert json.loads((adapter / "lorafleet.json").read_text())["best_step"] == best
 
 
 def test_metrics_have_openais_names(run: dict[str, Any], method: str) -> None:
@@ -198,16 +200,16 @@ def test_the_results_file_has_every_steps_metrics(client: openai.OpenAI, run: di
             assert r["valid_loss"] == r["valid_mean_token_accuracy"] == ""
 
 
-def test_trained_tokens_and_estimated_finish(run: dict[str, Any]) -> None:
+def test_trained_tokens_and_estimated_finish(stack: Stack, run: dict[str, Any]) -> None:
     job = run["job"]
-    meta = json.loads(Path(job.adapter_path, "lorafleet.json").read_text())
+    meta = json.loads((stack.local_folder(job.adapter_path) / "lorafleet.json").read_text())
 
     assert job.trained_tokens == meta["trained_tokens"] > 0
     assert job.estimated_finish is None  # set while running only, as OpenAI's
     assert all(math.isfinite(t) and t >= job.created_at for t in run["estimates"])
 
 
-def test_the_wandb_run_is_offline_and_holds_the_losses(run: dict[str, Any],
+def test_the_wandb_run_is_offline_and_holds_the_losses(stack: Stack, run: dict[str, Any],
                                                        method: str) -> None:
     job, events = run["job"], run["events"]
     train = metrics_events(events, "train_loss")
@@ -221,7 +223,11 @@ def test_the_wandb_run_is_offline_and_holds_the_losses(run: dict[str, Any],
     assert job.integrations[0].type == "wandb"
     assert job.integrations[0].wandb.project == WANDB["project"]
     assert said.data["mode"] == "offline" and f"wandb sync {folder}" in said.message
-    assert folder.is_relative_to(Path(job.adapter_path).parent)  # under the job's storage
+    # A folder of the worker's node: under the job's storage folder on file storage, else
+    # under the worker's cache.
+    assert job.id in folder.parts
+    assert folder.is_relative_to(stack.storage_dir if stack.storage == "file"
+                                 else stack.cache_root)
     assert {s: h["train_loss"] for s, h in history.items()} == {
         s: d["train_loss"] for s, d in train.items()}
     assert {s: history[s]["valid_loss"] for s in valid} == {

@@ -1,6 +1,11 @@
 """Fixtures for serving: adapters with known random weights, an in-process engine, and a live
 stack (API + worker + engine processes, the engine on vLLM wherever `make venv-vllm` made
-.venv-vllm, else the built-in engine)."""
+.venv-vllm, else the built-in engine).
+
+The stacks of the modules share one vLLM server for the tiny model, started once per session
+(``shared_vllm``, :mod:`tests.support.vllm`). A module that tests how the engine starts, widens
+and replaces its own servers sets ``SERVING_OWN_VLLM = True``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,15 @@ import pytest
 # (the bench never imports from tests/).
 from bench.serving_fixtures import build_adapter as build_adapter
 from bench.serving_latency import stop_engine
+from tests.support.backends import EMBEDDED
 from tests.support.stack import CLI, LIVE_STACKS, REPO_ROOT, Stack, StackError, free_port
+from tests.support.vllm import (
+    LAST_SERVING_MODULE,
+    SHARED_VLLM_LOGS,
+    VLLM_PYTHON,
+    SharedVllm,
+    vllm_available,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -117,14 +130,6 @@ def make_engine() -> Iterator[Callable[..., Any]]:
 
 
 # --------------------------------------------------------------------------- live stack
-VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-
-
-def vllm_available() -> bool:
-    """Whether `make venv-vllm` made the vLLM environment (it does wherever vLLM installs)."""
-    return VLLM_PYTHON.is_file()
-
-
 @dataclass
 class ServingStack:
     """A :class:`Stack` plus the engine process it forwards inference to."""
@@ -134,6 +139,7 @@ class ServingStack:
     engine_url: str
     engine_log: Path
     backend: str  # "vllm" or "builtin"
+    shared_vllm: SharedVllm | None = None  # the session's vLLM server, if it uses it
 
     def engine_stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.engine_url}/health", timeout=10).json()
@@ -149,8 +155,10 @@ class ServingStack:
 
         if self.backend != "vllm":
             return [psutil.Process(self.engine.pid)]
-        servers = [psutil.Process(m["pid"])
-                   for m in self.engine_stats()["base_models"].values() if m.get("pid")]
+        pids = [m["pid"] for m in self.engine_stats()["base_models"].values() if m.get("pid")]
+        if self.shared_vllm is not None:  # external to the engine: it reports no pid
+            pids.append(self.shared_vllm.pid)
+        servers = [psutil.Process(pid) for pid in pids]
         return [p for server in servers for p in [server, *server.children(recursive=True)]]
 
 
@@ -169,10 +177,12 @@ def vllm_metric(url: str, name: str, **labels: str) -> float:
 
 def start_engine(stack: Stack, port: int, timeout: float = 120.0
                  ) -> tuple[subprocess.Popen[bytes], Path]:
-    """``lorafleet serve`` with the stack's environment; returns once ``/health`` answers."""
+    """``lorafleet serve`` with the stack's environment (and a node cache of its own);
+    returns once ``/health`` answers."""
     log_path = stack.log_dir / "engine.log"
+    env = {**stack.env, "LORAFLEET_CACHE_DIR": str(stack.cache_root / "engine")}
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([*CLI, "serve"], cwd=REPO_ROOT, env=stack.env,
+        proc = subprocess.Popen([*CLI, "serve"], cwd=REPO_ROOT, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -205,22 +215,30 @@ def warm_up(engine_url: str, base_model: Path, timeout: float = 900.0) -> None:
 def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
             tiny_model: Path) -> Iterator[ServingStack]:
     """API + one worker + engine, as real processes; the engine on vLLM when it is there (or
-    as ``LORAFLEET_TEST_ENGINE_BACKEND`` says), its server for the tiny model started. A test
-    module may set ``SERVING_SETTINGS = {...}`` (Settings fields, ``engine_backend``
-    included) and ``SERVING_WORKERS`` (default 1)."""
+    as ``LORAFLEET_TEST_ENGINE_BACKEND`` says), on the session's vLLM server for the tiny
+    model (``shared_vllm``), or with its own started by the engine if the module sets
+    ``SERVING_OWN_VLLM = True``. A test module may set ``SERVING_SETTINGS = {...}`` (Settings
+    fields, ``engine_backend`` included), ``SERVING_WORKERS`` (default 1) and
+    ``SERVING_BACKEND`` (default embedded)."""
     module_settings = getattr(request.module, "SERVING_SETTINGS", {})
     backend = (module_settings.get("engine_backend")
                or os.environ.get("LORAFLEET_TEST_ENGINE_BACKEND")
                or ("vllm" if vllm_available() else "builtin"))
+    shared: SharedVllm | None = None
+    if backend == "vllm" and not getattr(request.module, "SERVING_OWN_VLLM", False):
+        shared = request.getfixturevalue("shared_vllm")
     # The tiny model lives in pytest's temporary folder: the operator allows local models
     # from there (the API refuses local paths otherwise).
     settings = {"models_dir": tmp_path_factory.getbasetemp(), "engine_device": "cpu",
                 "engine_torch_threads": 1, "engine_backend": backend,
-                "vllm_python": str(VLLM_PYTHON), **module_settings}
+                "vllm_python": str(VLLM_PYTHON), **module_settings,
+                **(shared.engine_settings(module_settings, request.module.__name__)
+                   if shared else {})}
     # One thread per process: the tiny model gains nothing from more, and the worker, the
     # engine and the test process share the machine's cores.
     stack = Stack(tmp_path_factory.mktemp("serving"), settings=settings,
                   env={"OMP_NUM_THREADS": "1"},
+                  backend=getattr(request.module, "SERVING_BACKEND", EMBEDDED),
                   workers=getattr(request.module, "SERVING_WORKERS", 1))
     port = free_port()
     while port == stack.port:  # both were free a moment ago; they must differ
@@ -238,20 +256,25 @@ def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         stack.stop()
         raise
     try:
-        yield ServingStack(stack, proc, f"http://127.0.0.1:{port}", log_path, backend)
+        yield ServingStack(stack, proc, f"http://127.0.0.1:{port}", log_path, backend, shared)
     finally:
         stop_engine(proc)
         stack.stop()
+        if shared is not None and request.node.nodeid == request.config.stash.get(
+                LAST_SERVING_MODULE, None):
+            shared.stop()  # no module after this one needs it
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.failed:
-        for stack in LIVE_STACKS:
-            logs = [stack.log_dir / "engine.log", *sorted((stack.log_dir / "vllm").glob("*.log"))]
-            for log in logs:
-                if log.exists():
-                    tail = log.read_text(errors="replace").splitlines()[-120:]
-                    report.sections.append((f"lorafleet {log.name}", "\n".join(tail)))
+        logs = [log for stack in LIVE_STACKS for log in [
+            stack.log_dir / "engine.log", *sorted((stack.log_dir / "vllm").glob("*.log"))]]
+        if LIVE_STACKS:
+            logs += SHARED_VLLM_LOGS
+        for log in logs:
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-120:]
+                report.sections.append((f"lorafleet {log.name}", "\n".join(tail)))
     return report

@@ -21,6 +21,7 @@ from tests.engine import test_model_resolution as resolution
 from tests.engine.conftest import ServingStack
 from tests.engine.test_model_resolution import BASE, FORMAT, add_job
 from tests.support import create_job, dialogsum_records, jsonl_bytes, upload_bytes, wait_for_status
+from tests.support.stored import commit_files
 
 # Steps 2, 4 and 6 are saved; once the job succeeds, retention keeps the newest two.
 SERVING_SETTINGS = {"keep_checkpoints": 2}
@@ -39,19 +40,17 @@ db = resolution.db  # a migrated database in a fresh storage folder
 
 
 def add_checkpoint(session: Session, job: Job, step: int, *, deleted: bool = False,
-                   files: bool = True) -> Path:
-    """A checkpoint row of ``job`` and, with ``files``, its folder with the adapter's files."""
-    folder = storage.checkpoints_dir(job.id) / f"checkpoint-{step}"
+                   files: bool = True) -> str:
+    """A checkpoint row of ``job`` and, with ``files``, its folder committed in storage with
+    the adapter's files; returns the folder's URL."""
+    key = storage.checkpoint_key(job.id, 1, step)
     if files:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "adapter_config.json").write_text("{}")
-        (folder / "adapter_model.safetensors").write_bytes(b"")
+        commit_files(key, {"adapter_config.json": "{}", "adapter_model.safetensors": b""})
     session.add(Checkpoint(id=f"ftckpt-{job.id}-{step}", job_id=job.id, created_at=now(),
-                           step_number=step, path=storage.relative(folder) if files
-                           else f"jobs/{job.id}/checkpoints/checkpoint-{step}",
-                           metrics={}, attempt=1, deleted=deleted))
+                           step_number=step, path=key, metrics={}, attempt=1,
+                           deleted=deleted))
     session.commit()
-    return folder
+    return storage.get_store().url(key)
 
 
 def name_of(job: Job, step: int) -> str:
@@ -65,7 +64,7 @@ def test_a_checkpoint_resolves_to_its_folder_in_the_job_format(db: Any, status: 
         folder = add_checkpoint(s, job, 4)
         target = resolve_model(s, "p", name_of(job, 4))
     assert target.model == name_of(job, 4) and target.base_model == BASE
-    assert target.adapter_path == str(folder) and target.prompt_format == FORMAT
+    assert target.adapter_path == folder and target.prompt_format == FORMAT
 
 
 def test_checkpoints_are_listed_after_the_fine_tuned_models(db: Any) -> None:

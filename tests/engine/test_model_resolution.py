@@ -45,7 +45,7 @@ def add_job(session: Session, status: str, project: str = "p", suffix: str | Non
     job = Job(id=job_id, project=project, created_at=now(), model=model, suffix=suffix,
               status=status, training_file="file-x", spec=spec.model_dump(mode="json"), seed=0,
               fine_tuned_model=fine_tuned_model_name(model, suffix, job_id) if done else None,
-              adapter_dir=f"jobs/{job_id}/adapter" if done else None)
+              adapter_dir=storage.adapter_key(job_id, 1) if done else None)
     session.add(job)
     session.commit()
     return job
@@ -69,7 +69,8 @@ def test_resolving_a_fine_tuned_and_a_base_model(db: Any) -> None:
         target = resolve_model(s, "p", job.fine_tuned_model)
         base = resolve_model(s, "p", BASE)
     assert target.base_model == BASE and target.prompt_format == FORMAT
-    assert target.adapter_path == str(storage.root() / "jobs" / job.id / "adapter")
+    assert target.adapter_path == str(storage.get_store().local_path(
+        storage.adapter_key(job.id, 1)))
     assert target.model == job.fine_tuned_model
     assert base.adapter_path is None and base.base_model == BASE
 

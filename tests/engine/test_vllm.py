@@ -38,6 +38,8 @@ MAX_LORA_RANK = 16
 SERVING_SETTINGS = {"engine_backend": "vllm", "vllm_max_lora_rank": MAX_LORA_RANK,
                     "max_tokens_limit": 1000}
 SERVING_WORKERS = 0  # the adapters are built by the tests, no job trains
+# What is tested is how the engine starts, widens and replaces its own servers.
+SERVING_OWN_VLLM = True
 
 FORMATS: dict[str, dict[str, Any]] = {
     "dolly": {"type": "dolly", "instruction": "Summarize the below conversation."},

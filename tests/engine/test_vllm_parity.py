@@ -1,6 +1,6 @@
 """The vLLM gateway's decisions against a mock vLLM: the parity modes (strict refuses, warn
 serves, off skips the probe), the rank check, and how requests become vLLM requests and its
-answers our counts. Real vLLM runs in ``test_vllm.py``."""
+answers our counts and logprobs. Real vLLM runs in ``test_vllm.py``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ import pytest
 from engine.adapters import adapter_ref
 from engine.decoding import Row
 from engine.errors import AdapterParityFailed
+from engine.logprobs import (
+    TokenLogprob,
+    completion_logprobs,
+    parse_vllm_completion,
+    parse_vllm_prompt,
+)
 from engine.prompts import Prepared
 from engine.vllm import relay
 from engine.vllm.lora import Loras, check_rank, read_probe
@@ -155,3 +161,27 @@ def test_the_stop_token_is_not_counted_as_the_built_in_engine_counts() -> None:
     upstream.tokens[0] = [4, 9, 3]
     assert relay.completion_tokens(upstream, 0, "stop", "###") == 3  # by a stop string
     assert relay.completion_tokens(upstream, 0, "length", None) == 3
+
+
+def test_vllm_logprobs_become_ranked_alternatives_and_openais_object() -> None:
+    # As vLLM answers with logprobs 2: the token chosen first (here not the most likely, and
+    # once also among the top 2), then the most likely; an echoed prompt's first token None.
+    answer = {"tokens": ["token_id:7", "token_id:3"], "token_logprobs": [-1.5, -0.2],
+              "top_logprobs": [{"token_id:7": -1.5, "token_id:4": -0.5, "token_id:9": -0.9},
+                               {"token_id:3": -0.2, "token_id:5": -2.0}]}
+    entries = parse_vllm_completion(answer, 2)
+    assert entries == [TokenLogprob(7, -1.5, ((4, -0.5), (9, -0.9))),
+                       TokenLogprob(3, -0.2, ((3, -0.2), (5, -2.0)))]
+    assert parse_vllm_completion(answer, 1)[0].top == ((4, -0.5),)
+    prompt = parse_vllm_prompt([2, 7], [None, {"7": {"logprob": -3.0, "rank": 4},
+                                               "1": {"logprob": -0.1, "rank": 1}}], 1)
+    assert prompt == [TokenLogprob(2, None), TokenLogprob(7, -3.0, ((1, -0.1),))]
+
+    text = {1: "a", 2: "<s>", 3: "cd", 4: "e", 5: "f", 7: "gh", 9: "e"}.__getitem__
+    shaped = completion_logprobs(prompt + entries, text, offset=10)
+    assert shaped == {
+        "tokens": ["<s>", "gh", "gh", "cd"], "token_logprobs": [None, -3.0, -1.5, -0.2],
+        # Tokens of the same text (4 and 9 are both "e") keep the most likely's logprob.
+        "top_logprobs": [None, {"a": -0.1, "gh": -3.0}, {"e": -0.5, "gh": -1.5},
+                         {"cd": -0.2, "f": -2.0}],
+        "text_offset": [10, 13, 15, 17]}

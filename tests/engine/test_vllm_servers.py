@@ -472,7 +472,8 @@ def test_serve_started_in_another_folder_serves_with_vllm_and_says_why(
     started_app: Callable[..., Any], tmp_path: Path,
 ) -> None:
     """`lorafleet serve` started outside the project's folder still finds `make venv-vllm`'s
-    environment; its /health, the API's /health and its console say which engine serves."""
+    environment; its /health and the API's /health say which engine serves (the console
+    shows the API's: tests/console)."""
     from bench.serving_latency import stop_engine
     from tests.support.processes import free_port, service_env
 

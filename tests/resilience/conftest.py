@@ -97,7 +97,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 120.0, interval: f
 
 def job_row(stack: Stack, job_id: str) -> Any:
     """The job's row, read straight from the database (lease fields included)."""
-    rows = stack.sql("SELECT status, attempt, failures, lease_owner, last_good_step, progress, "
+    rows = stack.sql("SELECT status, attempt, failures, lease_owner, last_good_step, "
+                     "last_good_checkpoint, progress, "
                      "resumed_from_step, not_before, error FROM jobs WHERE id = :id", id=job_id)
     return rows[0]
 
@@ -200,6 +201,13 @@ def save_gate_env(gate: Path) -> dict[str, str]:
 
     path = os.pathsep.join([str(SLOW_SAVE_DIR), str(REPO_ROOT)])
     return {"PYTHONPATH": path, "LORAFLEET_TEST_SAVE_GATE": str(gate)}
+
+
+def commit_gate_env(gate: Path) -> dict[str, str]:
+    """:func:`save_gate_env`, and the commit of checkpoint N to storage held while
+    ``gate/hold-commit-N`` exists, its files uploaded and its manifest not yet written
+    (``gate/waiting-commit-N`` appears once the worker is held there)."""
+    return {**save_gate_env(gate), "LORAFLEET_TEST_COMMIT_GATE": str(gate)}
 
 
 def kill_owner(stack: Stack, job_id: str, sig: int = signal.SIGKILL, *,

@@ -1,11 +1,11 @@
-"""Which checkpoint folders count: the completion marker, leftovers of killed saves, the resume
-point when the last good checkpoint is damaged, retention, and a lease that runs out locally."""
+"""Which checkpoint folders on a worker's disk count: the completion marker, leftovers of
+killed saves, retention, and a lease that runs out locally. (In storage:
+tests/worker/test_checkpoint_store.py.)"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -72,43 +72,6 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
 def claim_for(job_id: str, last_good: int | None) -> Claim:
     rel = f"jobs/{job_id}/checkpoints/checkpoint-{last_good}" if last_good else None
     return Claim(job_id, 2, "host:1", {}, "model", rel, last_good, 1, "p", None)
-
-
-@pytest.mark.parametrize(("damage", "expected"), [
-    (None, 8),                # the last good checkpoint is intact
-    ("unmark", 4),            # damaged: fall back to the newest complete one before it
-    ("delete", 4),            # removed by hand: same
-])
-def test_resume_point(settings_env: Any, damage: str | None, expected: int) -> None:
-    from shared import storage
-    from worker.runner import _resume_point
-
-    settings_env()
-    root = storage.checkpoints_dir("ftjob-x")
-    make_checkpoint(root, 4)
-    last = make_checkpoint(root, 8)
-    make_checkpoint(root, 12)  # on disk but never recorded: not a resume point
-    if damage == "unmark":
-        (last / COMPLETE_MARKER).unlink()
-    elif damage == "delete":
-        import shutil
-
-        shutil.rmtree(last)
-
-    point = _resume_point(claim_for("ftjob-x", 8))
-
-    assert point is not None and checkpoints.step_of(point) == expected
-
-
-def test_no_resume_point_without_a_complete_checkpoint(settings_env: Any) -> None:
-    from shared import storage
-    from worker.runner import _resume_point
-
-    settings_env()
-    make_checkpoint(storage.checkpoints_dir("ftjob-y"), 4, complete=False)
-
-    assert _resume_point(claim_for("ftjob-y", 4)) is None
-    assert _resume_point(claim_for("ftjob-y", None)) is None
 
 
 def test_a_lease_not_renewed_in_time_runs_out_on_the_worker() -> None:

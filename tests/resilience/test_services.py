@@ -20,6 +20,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from shared import storage
+from shared.storage import folders
 from tests.resilience.conftest import (
     JOB,
     assert_never_concurrent,
@@ -196,27 +198,35 @@ def test_chaos(stack: Stack, client: openai.OpenAI, file_id: str, tiny_model: Pa
     resumes = {e.data["attempt"]: e.data["step"] for e in events
                if e.message.startswith("Resumed from ")}
 
+    store = stack.store()
+    recorded = {r.path for r in stack.sql("SELECT path FROM checkpoints WHERE job_id = :id "
+                                          "AND NOT deleted", id=job_saving)}
+    left_in_store = {k.rsplit("/", 1)[0] for k in store.list(
+        f"jobs/{job_saving}/attempt-{killed_attempt}/") if "/checkpoint-" in k}
+
     assert all(j.status == "succeeded" for j in done), f"seed {seed}"
     assert sum(len(r) - 1 for r in records.values()) >= 3, "three attempts were interrupted"
-    assert left_behind, "the killed save left its staging folder behind"
+    assert left_behind, "the killed save left its staging folder behind, on its worker's disk"
     assert step_saving not in listed_after_kill, "a half-saved checkpoint is never listed"
-    assert not staging.exists(), "the next attempt removed it"
-    assert any(e.message.startswith("Removed incomplete checkpoint folders") for e in events)
+    # It never reached storage, and the killed attempt left there only what is recorded.
+    assert not folders.exists(store, storage.checkpoint_key(job_saving, killed_attempt,
+                                                            step_saving))
+    assert left_in_store <= recorded
     # The next attempt resumed from an earlier checkpoint (or from scratch: none before it).
     assert resumes.get(killed_attempt + 1, 0) < step_saving
 
 
 def _saving(stack: Stack, ids: list[str]) -> tuple[str, Path] | None:
-    """A job with a checkpoint save in progress, and the staging folder it writes to."""
+    """A job with a checkpoint save in progress, and the staging folder it writes to (on its
+    worker's disk, in the worker's cache folder, before the checkpoint is committed)."""
     for job_id in ids:
-        root = stack.storage_dir / "jobs" / job_id / "checkpoints"
-        try:
-            staging = [p for p in root.iterdir() if p.name.startswith(".staging-")
-                       and any(p.iterdir())]
-        except FileNotFoundError:
-            continue
-        if staging:
-            return job_id, staging[0]
+        for staging in stack.cache_root.glob(f"*/work/{job_id}/attempt-*/checkpoints/"
+                                             ".staging-*"):
+            try:
+                if any(staging.iterdir()):
+                    return job_id, staging
+            except FileNotFoundError:
+                continue
     return None
 
 

@@ -7,7 +7,6 @@ and run one after another: each leaves no job running behind it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 import openai
 import pytest
 
+from shared import storage
+from shared.storage import folders
 from tests.resilience.conftest import (
     JOB,
     adapter_tensors,
@@ -149,36 +150,37 @@ def test_sigterm_preempts_at_the_current_step(stack: Stack, client: openai.OpenA
 
 def test_half_written_checkpoints_are_ignored_and_removed(
         stack: Stack, client: openai.OpenAI, file_id: str, tiny_model: Path) -> None:
-    """What a save killed half-way leaves: a ``checkpoint-N`` folder without the completion
-    marker (as transformers writes in place) and a ``.staging-*`` folder (as ours does). The
-    next attempt resumes from the last complete checkpoint and removes both; the API never
-    lists them."""
+    """What a worker killed while it committed a checkpoint leaves in storage: the folder of
+    its next checkpoint with files uploaded (one cut short) and no manifest. The next attempt
+    resumes from the last recorded checkpoint and deletes that folder; the API never lists
+    it."""
     job = create_job(client, str(tiny_model), file_id, **JOB)
     wait_mid_training(stack, job.id)
     kill_pool_process(stack, job.id)
 
+    store = stack.store()
     good = job_row(stack, job.id).last_good_step
-    root = stack.storage_dir / "jobs" / job.id / "checkpoints"
-    half = root / f"checkpoint-{good + JOB['save_steps']}"
-    shutil.rmtree(half, ignore_errors=True)  # a complete one, saved just before the kill
-    shutil.copytree(root / f"checkpoint-{good}", half)
-    (half / "lorafleet-complete.json").unlink()
-    (half / "optimizer.pt").write_bytes(b"\0" * 100)  # cut short
-    staged = root / ".staging-killed" / f"checkpoint-{good + 1}"
-    shutil.copytree(half, staged)
+    good_key = job_row(stack, job.id).last_good_checkpoint
+    half = storage.checkpoint_key(job.id, 1, good + JOB["save_steps"])
+    folders.delete_folder(store, half)  # in case it was committed just before the kill
+    for key in store.list(good_key + "/"):
+        name = key.removeprefix(good_key + "/")
+        if name != storage.MANIFEST:
+            store.put_bytes(f"{half}/{name}", b"\0" * 100 if name == "optimizer.pt"
+                            else store.get_bytes(key))
     listed = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
 
     done = wait_for_status(client, job.id, "succeeded", timeout=180)
     events = [e for e in list_all_events(client, job.id)]
-    removed = [e.data["removed"] for e in events if e.message.startswith("Removed incomplete")]
-    final = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+    removed = [e.data["removed"] for e in events if e.message.startswith("Removed checkpoint")]
+    final = client.fine_tuning.jobs.checkpoints.list(job.id).data
 
-    assert half.name not in [f"checkpoint-{s}" for s in listed if s > good]
+    assert good + JOB["save_steps"] not in [s for s in listed if s > good]
     assert done.resumed_from_step == good
-    assert removed == [sorted([".staging-killed", half.name])]
-    assert not staged.parent.exists()
-    assert final and all((root / f"checkpoint-{s}" / "lorafleet-complete.json").is_file()
-                         for s in final)
+    assert removed == [[half]]
+    assert store.list(half + "/") == []
+    assert final and all(folders.exists(store, store.key_of(c.model_extra["path"]))
+                         for c in final)
 
 
 def test_cancel_while_waiting_to_be_requeued(stack: Stack, client: openai.OpenAI,

@@ -66,18 +66,20 @@ def test_both_answers_render_after_the_same_prompt() -> None:
     ("input.messages.0.content", 7, r"input.messages\[0\].content must be a string"),
     ("input.messages.0", {"role": "assistant", "content": "hi"},
      r"input.messages\[0\] is the assistant's: the input must end before the answer"),
-    ("input.tools", {"name": "f"}, "'input.tools' must be a list of function specs"),
+    ("input.tools", {"name": "f"}, "input.tools must be a list of function specs"),
     ("input.tools", [{"type": "function", "function": {"name": ""}}],
-     r"input.tools\[0\].function.name must be a non-empty string"),
+     r"input.tools\[0\].function.name must match"),
     ("input.parallel_tool_calls", "yes", "'input.parallel_tool_calls' must be true or false"),
-    ("preferred_output", [], "'preferred_output' must be a list of exactly one assistant"),
+    ("preferred_output", [], "preferred_output must be a list of one assistant message"),
     ("preferred_output", {"role": "assistant", "content": "x"},
-     "'preferred_output' must be a list of exactly one"),
+     "preferred_output must be a list of one assistant message"),
     ("preferred_output.0.role", "user", r"preferred_output\[0\].role must be 'assistant'"),
-    ("preferred_output.0.content", None, r"preferred_output\[0\].content must be a string"),
+    ("preferred_output.0.content", None,
+     r"preferred_output\[0\] has neither content nor tool_calls"),
+    ("preferred_output.0.content", 7, r"preferred_output\[0\].content must be a string"),
     ("non_preferred_output.0", "text", r"non_preferred_output\[0\] must be an object"),
     ("non_preferred_output.0.content", ["a"],
-     r"non_preferred_output\[0\].content must be a string"),
+     r"non_preferred_output\[0\].content\[0\] must be an object"),
 ])
 def test_bad_parts_are_named_by_their_path(path: str, value: Any, message: str) -> None:
     with pytest.raises(RecordError, match=message):
@@ -112,7 +114,7 @@ def test_a_bad_line_of_a_preference_file_is_named(tmp_path: Path) -> None:
                  changed("preferred_output.0.content", 3))
 
     with pytest.raises(InvalidDataset, match=r"^line 3: preferred_output\[0\].content must be "
-                                             "a string$"):
+                                             "a string or a list of text parts$"):
         validate_file(path)
     with pytest.raises(InvalidDataset, match=r"^training_file line 3: preferred_output\[0\]"):
         validate_file(path, prompt_format=PromptFormat(), param="training_file")

@@ -21,6 +21,7 @@ from shared.records import (
     validate_record,
 )
 from shared.templates import PromptFormat
+from tests.support.openai_chats import MULTI_TURN, drone_records
 
 
 @pytest.mark.parametrize(("record", "shape"), [
@@ -220,3 +221,59 @@ def test_lines_past_the_limit(tmp_path: Path) -> None:
     with pytest.raises(PayloadTooLarge, match=r"^line 3: more than 2 lines"):
         validate_file(path, max_lines=2)
     assert validate_file(path, max_lines=3).count == 3
+
+
+# --------------------------------------------------------------------------- OpenAI's chat files
+def test_openais_function_calling_file_is_a_chat_file(tmp_path: Path) -> None:
+    path = write(tmp_path, *drone_records(6), MULTI_TURN)
+
+    summary = validate_file(path)
+
+    assert (summary.count, summary.shape) == (7, "chat")
+    assert summary.columns == ["messages", "parallel_tool_calls", "tools"]
+    assert validate_file(path, prompt_format=PromptFormat(type="chat")).count == 7
+
+
+def test_a_bad_chat_line_is_named_with_its_path(tmp_path: Path) -> None:
+    bad = json.loads(json.dumps(MULTI_TURN))
+    bad["messages"][2]["tool_calls"][0]["function"]["arguments"] = "{'city': 'Paris'}"
+    path = write(tmp_path, *drone_records(6), bad)
+
+    with pytest.raises(InvalidDataset) as exc:
+        validate_file(path)
+
+    assert exc.value.message == (
+        "line 7: messages[2].tool_calls[0].function.arguments is not valid JSON")
+    assert exc.value.param == "file"
+
+
+@pytest.mark.parametrize("fmt", [
+    PromptFormat(type="dolly"), PromptFormat(type="phi2-qa"),
+    PromptFormat(type="custom", prompt_template="{messages}", response_template="x"),
+])
+def test_a_one_turn_format_refuses_a_chat_that_means_more(tmp_path: Path,
+                                                          fmt: PromptFormat) -> None:
+    plain = {"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}
+    two_turns = {"messages": [*plain["messages"], {"role": "user", "content": "Bye"},
+                              {"role": "assistant", "content": "Bye!"}]}
+    earlier_unweighted = {"messages": [{**m, "weight": 0} if i == 1 else m
+                                       for i, m in enumerate(two_turns["messages"])]}
+    cases = [(two_turns, "has 2 assistant messages to learn"),
+             (drone_records(1)[0], "uses tools"),
+             ({"messages": [*two_turns["messages"][:3],
+                            {"role": "assistant", "content": "Bye!", "weight": 0}]},
+              "learns an assistant message that is not the last")]
+
+    assert validate_file(write(tmp_path, plain, earlier_unweighted), prompt_format=fmt,
+                         param="training_file").count == 2
+    for record, what in cases:
+        with pytest.raises(InvalidDataset) as exc:
+            validate_file(write(tmp_path, plain, record), prompt_format=fmt,
+                          param="training_file")
+
+        assert exc.value.message == (
+            f"training_file line 2: prompt_format '{fmt.type}' learns the last assistant "
+            f"message only, and this chat {what}: train it with prompt_format 'chat' (the "
+            "default for chat files)")
+        assert exc.value.param == "prompt_format"

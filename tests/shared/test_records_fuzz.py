@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.chat import check_chat
 from shared.errors import InvalidDataset, PayloadTooLarge
+from shared.hermes import hermes_messages
 from shared.records import (
     SHAPES,
     Example,
@@ -24,7 +26,13 @@ from shared.records import (
     validate_record,
 )
 from shared.templates import PromptFormat, render
-from tests.support.hostile_jsonl import json_values, jsonl_files, records
+from tests.support.hostile_jsonl import (
+    broken_chats,
+    good_chats,
+    json_values,
+    jsonl_files,
+    records,
+)
 
 # Seconds, not minutes: enough examples to reach each branch, fixed so that CI sees the same.
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -38,6 +46,16 @@ FORMATS = [
     PromptFormat(type="custom", prompt_template="Q: {prompt}\n", response_template="{completion}"),
 ]
 COLUMN_MAPS = [None, {"prompt": "dialogue", "completion": "summary"}]
+CHAT = PromptFormat(type="chat")
+
+
+def chatml(messages: list[dict[str, Any]], add_generation_prompt: bool,
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """A ChatML template in Python, tools in the Hermes format: a chat renderer without a
+    tokenizer."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                   for m in hermes_messages(messages, tools))
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 LIMITS = [{}, {"max_lines": 3, "max_record_chars": 2_000}]
 
 
@@ -60,7 +78,10 @@ def assert_summary_or_first_bad_line(path: Path, content: bytes, **kwargs: Any) 
     param = kwargs.get("param", "file")
     match = LINE.match(result.message)
     assert match, result.message
-    assert result.param == param
+    if result.param == "prompt_format":  # a one-turn format on a chat that means more
+        assert f"prompt_format '{kwargs['prompt_format'].type}' learns" in result.message
+    else:
+        assert result.param == param
     assert match["param"] == (None if param == "file" else param), result.message
     n = int(match["n"])
     if not numbered:
@@ -82,7 +103,7 @@ def test_an_upload_is_summarised_or_its_first_bad_line_named(
 
 
 @FUZZ
-@given(content=jsonl_files(), fmt=st.sampled_from(FORMATS),
+@given(content=jsonl_files(), fmt=st.sampled_from([*FORMATS, CHAT]),
        column_map=st.sampled_from(COLUMN_MAPS), param=st.sampled_from(["training_file",
                                                                         "validation_file"]))
 def test_a_jobs_file_is_summarised_or_its_first_bad_line_named(
@@ -96,11 +117,32 @@ def test_a_jobs_file_is_summarised_or_its_first_bad_line_named(
     if accepted:  # what the check accepts, the format renders
         for _lineno, example in iter_examples(path, prompt_format=fmt, column_map=column_map,
                                               param=param):
-            render(fmt, example)
+            render(fmt, example, chatml)
 
 
 @FUZZ
-@given(record=records | json_values, fmt=st.sampled_from([None, *FORMATS]),
+@given(record=good_chats())
+def test_a_chat_in_openais_whole_shape_renders_every_learned_turn(record: dict[str, Any]) -> None:
+    chat = check_chat(record)
+    example = validate_record(record, prompt_format=CHAT)
+
+    rendered = render(CHAT, example, chatml)
+
+    segments = rendered.segments()
+    assert "".join(text for text, _learned in segments) == rendered.text
+    assert rendered.text == chatml(chat.messages, False, chat.tools)
+    learned = "".join(text for text, is_learned in segments if is_learned)
+
+    def turn(i: int) -> str:  # what assistant message i adds after the conversation before it
+        before = chatml(chat.messages[:i], True, chat.tools)
+        return chatml(chat.messages[: i + 1], False, chat.tools)[len(before):]
+
+    assert learned == "".join(turn(i) for i in chat.learned)
+    assert learned.count("<|im_end|>") == len(chat.learned)
+
+
+@FUZZ
+@given(record=records | json_values | broken_chats(), fmt=st.sampled_from([None, *FORMATS, CHAT]),
        column_map=st.sampled_from(COLUMN_MAPS),
        shape=st.sampled_from([None, "custom", *sorted(SHAPES)]))
 def test_a_record_is_an_example_or_a_record_error(

@@ -8,6 +8,7 @@ every JSON type where a known shape wants text, lines that are not objects, inva
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -41,29 +42,59 @@ json_values = st.recursive(
 )
 
 # A known shape's columns, each holding any JSON value: text most often, since that is what
-# reaches the deeper checks.
-messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from([*CHAT_ROLES, "robot", ""]) | json_values,
-                           "content": text | json_values}),
-    max_size=4,
+# reaches the deeper checks. Chat messages mix OpenAI's whole shape (text parts, tool calls and
+# the tool messages answering them, weights, names) with values of any type in every field.
+call_ids = st.sampled_from(["call_1", "call_2", "c", ""]) | json_values
+function_names = st.sampled_from(["get_weather", "book_table", "bad name", ""]) | json_values
+arguments = st.one_of(
+    st.dictionaries(short_text, json_values, max_size=3).map(json.dumps),
+    st.sampled_from(["{", "[]", "null", '{"a": 1}', '{"a": 1e999}', "{}" + "x"]),
+    json_values,
+)
+tool_calls = st.lists(
+    st.fixed_dictionaries(
+        {"id": call_ids,
+         "function": st.fixed_dictionaries({"name": function_names, "arguments": arguments})
+         | json_values},
+        optional={"type": st.sampled_from(["function", "code"]) | json_values}),
+    max_size=3,
 ) | json_values
-# A preference pair's columns: an input conversation and one-message outputs.
-preference_columns = {
-    "input": st.fixed_dictionaries(
-        {"messages": messages},
-        optional={"tools": st.lists(st.fixed_dictionaries(
-                      {"type": st.just("function") | text,
-                       "function": st.fixed_dictionaries({"name": text}) | json_values}),
-                      max_size=2) | json_values,
-                  "parallel_tool_calls": st.booleans() | json_values}) | json_values,
-    "preferred_output": messages,
-    "non_preferred_output": messages,
-}
+content_parts = st.lists(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | json_values,
+                           "text": text | json_values}),
+    max_size=3,
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from([*CHAT_ROLES, "robot", "function", ""]) | json_values},
+        optional={"content": text | content_parts | json_values, "tool_calls": tool_calls,
+                  "tool_call_id": call_ids,
+                  "weight": st.sampled_from([0, 1, 2, True, 0.5, "1"]) | json_values,
+                  "name": short_text | json_values}),
+    max_size=5,
+) | json_values
+tools = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "retrieval"]) | json_values,
+         "function": st.fixed_dictionaries(
+             {"name": function_names},
+             optional={"description": text | json_values,
+                       "parameters": st.just({"type": "object"}) | json_values})}),
+    max_size=3,
+) | json_values
+column_values = {"messages": messages, "tools": tools,
+                 "parallel_tool_calls": st.booleans() | json_values,
+                 # A preference pair's columns: an input conversation, one-message outputs.
+                 "input": st.fixed_dictionaries(
+                     {"messages": messages},
+                     optional={"tools": tools,
+                               "parallel_tool_calls": st.booleans() | json_values})
+                 | json_values,
+                 "preferred_output": messages, "non_preferred_output": messages}
 shaped_records = st.sampled_from(sorted(SHAPES)).flatmap(
     lambda shape: st.fixed_dictionaries(
-        {col: messages if col == "messages" else preference_columns.get(col, text | json_values)
-         for col in SHAPES[shape][0]},
-        optional={col: text | json_values for col in SHAPES[shape][1]},
+        {col: column_values.get(col, text | json_values) for col in SHAPES[shape][0]},
+        optional={col: column_values.get(col, text | json_values) for col in SHAPES[shape][1]},
     )
 )
 records = shaped_records | st.dictionaries(short_text, json_values, max_size=5)
@@ -81,6 +112,49 @@ good_records = st.one_of(
                                "non_preferred_output": [{"role": "assistant", "content": b}]},
               words, words, words),
 )
+TOOL_SPECS = [{"type": "function", "function": {
+    "name": name, "description": f"{name} tool",
+    "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+    for name in ("get_weather", "book_table", "convert_units")]
+TOOL_NAMES = [spec["function"]["name"] for spec in TOOL_SPECS]
+
+
+@st.composite
+def good_chats(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid chat record in OpenAI's whole shape: several turns, some calling tools and
+    reading their answers, weights on some assistant messages (the last one learned)."""
+    messages: list[dict[str, Any]] = []
+    if draw(st.booleans()):
+        messages.append({"role": draw(st.sampled_from(["system", "developer"])),
+                         "content": draw(words)})
+    turns = draw(st.integers(1, 3))
+    for turn in range(turns):
+        said = draw(words)
+        messages.append({"role": "user", "content": draw(st.sampled_from(
+            [said, [{"type": "text", "text": said}]]))})
+        for round_ in range(draw(st.integers(0, 2))):
+            calls = [{"id": f"call_{turn}_{round_}_{j}", "type": "function", "function": {
+                "name": draw(st.sampled_from(TOOL_NAMES)),
+                "arguments": json.dumps(draw(st.dictionaries(words, words, max_size=2)))}}
+                for j in range(draw(st.integers(1, 2)))]
+            call: dict[str, Any] = {"role": "assistant", "tool_calls": calls}
+            if draw(st.booleans()):
+                call["content"] = draw(words)
+            if draw(st.booleans()):
+                call["weight"] = draw(st.sampled_from([0, 1]))
+            messages.append(call)
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": draw(words)}
+                         for c in calls]
+        reply: dict[str, Any] = {"role": "assistant", "content": draw(words)}
+        if turn < turns - 1 and draw(st.booleans()):
+            reply["weight"] = draw(st.sampled_from([0, 1]))
+        messages.append(reply)
+    record: dict[str, Any] = {"messages": messages}
+    if draw(st.booleans()) or any("tool_calls" in m for m in messages):
+        record["tools"] = copy.deepcopy(TOOL_SPECS)  # broken_chats changes what it draws
+    if draw(st.booleans()):
+        record["parallel_tool_calls"] = True
+    return record
 
 
 def _encode(value: Any, ensure_ascii: bool) -> bytes:
@@ -93,6 +167,26 @@ def _nested(depth: int, escape: bool) -> bytes:
     # lone-surrogate check, which encodes the record again a few frames further down.
     return (b'{"prompt": "p' + (b"\\u00e9" if escape else b"") + b'", "completion": "c", "x": '
             + b"[" * depth + b"]" * depth + b"}")
+
+
+@st.composite
+def broken_chats(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid chat record with one value somewhere inside replaced by any JSON value, or
+    removed: reaches every check of a chat, however deep."""
+    record = draw(good_chats())
+    node: Any = record
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = draw(st.sampled_from(keys))
+        child = node[key]
+        if not isinstance(child, dict | list) or not child or draw(st.integers(0, 7)) == 0:
+            break
+        node = child
+    if isinstance(node, dict) and draw(st.booleans()):
+        del node[key]
+    else:
+        node[key] = draw(json_values | st.sampled_from(["robot", "tool", "assistant", 0, 1]))
+    return record
 
 
 raw_lines = st.one_of(
@@ -112,6 +206,8 @@ raw_lines = st.one_of(
 lines = st.one_of(
     st.builds(_encode, good_records, st.booleans()),
     st.builds(_encode, good_records, st.booleans()),
+    st.builds(_encode, good_chats(), st.booleans()),
+    st.builds(_encode, broken_chats(), st.booleans()),
     st.builds(_encode, records, st.booleans()),
     st.builds(_encode, json_values, st.booleans()),
     raw_lines,

@@ -20,13 +20,19 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
-from tests.support.backends import EMBEDDED, Backend
+if TYPE_CHECKING:
+    from shared.storage import Store
+
+from tests.support.backends import EMBEDDED, REDIS_POSTGRES, Backend
 from tests.support.processes import CLI, REPO_ROOT, Proc, free_port, service_env
+from tests.support.seaweedfs import SeaweedFS
+
+FILE, S3 = "file", "s3"
 
 __all__ = ["CLI", "DEFAULT_SETTINGS", "LIVE_STACKS", "REPO_ROOT", "Proc", "Stack", "StackError",
            "StackFactory", "free_port", "service_env"]
@@ -60,6 +66,11 @@ class Stack:
         backend: ``"embedded"`` (SQLite + filesystem broker) or ``"redis-postgres"`` (a fresh
             PostgreSQL database and a private Redis queue; skips, or fails under ``CI``, when the
             servers are unreachable).
+        storage: ``"file"`` (a folder, ``root/storage``) or ``"s3"`` (a fresh bucket of
+            ``s3``, the SeaweedFS server). Default: paired with the backend, ``file`` for the
+            embedded one and ``s3`` for Redis + PostgreSQL, so that the tests parametrized over
+            the backends cover both stores at no extra cost. Every process gets a node cache
+            of its own (``root/cache/<process>``): they share no folder but a file store.
         workers: how many workers to start (more with :meth:`add_worker`).
         settings: ``Settings`` fields for every process, e.g. ``{"max_upload_bytes": 100}``;
             merged over :data:`DEFAULT_SETTINGS`.
@@ -75,6 +86,8 @@ class Stack:
         root: Path,
         *,
         backend: str = EMBEDDED,
+        storage: str | None = None,
+        s3: SeaweedFS | None = None,
         workers: int = 1,
         settings: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
@@ -88,6 +101,12 @@ class Stack:
         self.log_dir = self.storage_dir / "logs"
         self.backend_name = backend
         self.backend: Backend | None = None
+        self.storage = storage or (S3 if backend == REDIS_POSTGRES else FILE)
+        if self.storage == S3 and s3 is None:
+            raise ValueError("an s3 stack needs the SeaweedFS server (the seaweedfs fixture)")
+        self.s3 = s3
+        self.bucket: str | None = None
+        self.cache_root = self.root / "cache"
         self.initial_workers = workers
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.extra_env = dict(env or {})
@@ -113,9 +132,12 @@ class Stack:
                if v is not None}
         env.update({
             "LORAFLEET_STORAGE_DIR": str(self.storage_dir),
+            "LORAFLEET_CACHE_DIR": str(self.cache_root / "cli"),
             "LORAFLEET_HOST": "127.0.0.1",
             "LORAFLEET_PORT": str(self.port),
         })
+        if self.s3 is not None and self.bucket is not None:
+            env.update(self.s3.env(self.bucket, "lorafleet"))
         if self.backend is not None:
             env.update(self.backend.env)
         env.update(self.extra_env)
@@ -129,6 +151,9 @@ class Stack:
         LIVE_STACKS.append(self)
         try:
             self.backend = Backend.provision(self.backend_name)
+            if self.storage == S3:
+                assert self.s3 is not None
+                self.bucket = self.s3.new_bucket()
             self.log_dir.mkdir(parents=True, exist_ok=True)
             # The API migrates the schema before it answers, so it goes first: the workers
             # (and the keys command) then find the tables in place.
@@ -172,6 +197,9 @@ class Stack:
             p.close_log()
         if self.backend is not None:
             self.backend.cleanup()
+        if self.s3 is not None and self.bucket is not None and self.s3.alive():
+            with contextlib.suppress(Exception):
+                self.s3.drop_bucket(self.bucket)
         if self in LIVE_STACKS:
             LIVE_STACKS.remove(self)
 
@@ -185,8 +213,9 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("ab")
+        own = {"LORAFLEET_CACHE_DIR": str(self.cache_root / name)}
         popen = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
+            argv, cwd=REPO_ROOT, env={**self.env, **own, **(env or {})}, stdin=subprocess.DEVNULL,
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return Proc(name, popen, log_path, log_file)
@@ -286,11 +315,16 @@ class Stack:
         return secret
 
     def openai(self, key: str | None = None, **kwargs: Any):  # type: ignore[no-untyped-def]
-        """An ``openai.OpenAI`` client for this stack (no retries: tests see every error)."""
+        """An ``openai.OpenAI`` client for this stack (no retries: tests see every error).
+
+        It waits as long as the API waits for the engine (``engine_timeout_seconds``): an
+        inference request may start a vLLM server, or restart one at a higher LoRA rank,
+        which takes minutes on a loaded machine; a hang is still caught by pytest's timeout.
+        """
         import openai
 
         kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 60)
+        kwargs.setdefault("timeout", 600)
         client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key or self.key,
                                **kwargs)
         self._clients.append(client)
@@ -327,6 +361,32 @@ class Stack:
         finally:
             engine.dispose()
 
+    def store(self) -> Store:
+        """The stack's storage, as its services see it."""
+        from shared.storage import make_store
+
+        env = self.env
+        return make_store(env.get("LORAFLEET_STORAGE_URL") or f"file://{self.storage_dir}",
+                          endpoint_url=env.get("LORAFLEET_S3_ENDPOINT_URL", ""),
+                          path_style=env.get("LORAFLEET_S3_PATH_STYLE") == "true")
+
+    def local_folder(self, url: str) -> Path:
+        """A committed storage folder (a job's ``adapter_path``, a checkpoint's ``path``) on
+        this machine: the folder itself on file storage, else downloaded (and checked against
+        its manifest) into the stack's folder."""
+        from shared.storage import folders
+
+        store = self.store()
+        key = store.key_of(url)
+        local = store.local_path(key)
+        if local is not None:
+            return local
+        dest = self.root / "fetched" / key
+        if not dest.is_dir():
+            manifest = folders.read_manifest(store, key)
+            folders.download_folder(store, key, dest, manifest)
+        return dest
+
     def logs_text(self, tail: int = 120) -> str:
         """The last ``tail`` lines of every process's log, for failure reports."""
         parts = []
@@ -347,9 +407,11 @@ class StackFactory:
     the ``tiny_model`` fixture and every ``tmp_path``.
     """
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory, name: str):
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, name: str,
+                 request: pytest.FixtureRequest | None = None):
         self._tmp = tmp_path_factory
         self._name = name
+        self._request = request
         self.stacks: list[Stack] = []
 
     def __call__(self, **kwargs: Any) -> Stack:
@@ -357,6 +419,12 @@ class StackFactory:
         # the stack's operator allows that folder (the API refuses local paths otherwise).
         kwargs["settings"] = {"models_dir": self._tmp.getbasetemp(),
                               **(kwargs.get("settings") or {})}
+        storage = kwargs.get("storage") or (
+            S3 if kwargs.get("backend") == REDIS_POSTGRES else FILE)
+        if storage == S3 and kwargs.get("s3") is None:
+            if self._request is None:
+                raise ValueError("an s3 stack needs a factory made with the test's request")
+            kwargs["s3"] = self._request.getfixturevalue("seaweedfs")
         stack = Stack(self._tmp.mktemp(self._name), **kwargs)
         self.stacks.append(stack)
         return stack.start()

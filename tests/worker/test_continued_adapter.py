@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 from modelio.loading import ModelLoadError  # noqa: E402
 from shared import storage  # noqa: E402
 from shared.schemas import LoraSpec  # noqa: E402
+from shared.storage import folders  # noqa: E402
 from tests.worker.test_packing import spec  # noqa: E402
 from worker.training.model import load_model  # noqa: E402
 
@@ -23,9 +24,10 @@ LORA = LoraSpec(r=4, alpha=8, dropout=0.1)
 
 
 @pytest.fixture
-def trained(settings_env: Callable[..., Any], tiny_model: Path) -> tuple[dict[str, Any], str]:
-    """An adapter whose weights are all non-zero, saved under the storage folder; its
-    weights and its folder relative to the storage folder."""
+def trained(settings_env: Callable[..., Any], tiny_model: Path,
+            tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """An adapter whose weights are all non-zero, committed in storage; its weights and its
+    folder's key."""
     from peft import get_peft_model_state_dict
 
     settings_env()
@@ -34,10 +36,11 @@ def trained(settings_env: Callable[..., Any], tiny_model: Path) -> tuple[dict[st
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_()
-    folder = storage.adapter_dir("ftjob-source")
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    key = storage.adapter_key("ftjob-source", 1)
+    folders.commit_folder(storage.get_store(), tmp_path / "adapter", key)
     weights = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    return weights, storage.relative(folder)
+    return weights, key
 
 
 def test_a_continued_job_starts_from_every_saved_weight(tiny_model: Path,
@@ -67,7 +70,9 @@ def test_an_adapter_that_is_gone_or_does_not_fit_fails_naming_model(
         load_model(gone, "cpu")
     assert missing.value.param == "model" and "ft:tiny::ftjob-gone" in str(missing.value)
 
-    config = storage.root() / folder / "adapter_config.json"
+    local = storage.get_store().local_path(folder)
+    assert local is not None
+    config = local / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()),
                                   "target_modules": ["no_such_proj"]}))
     with pytest.raises(ModelLoadError) as misfit:

@@ -146,6 +146,12 @@ class Hooks:
     def on_early_stop(self, stop: EarlyStop) -> None:
         """Early stopping ended training (the job still succeeds, with the best adapter)."""
 
+    def local_checkpoint(self, path: Path) -> Path:
+        """A complete checkpoint that training reads (the best one, at the end), on this
+        node's disk: ``path`` itself, or the same step fetched from storage where an earlier
+        attempt on another node saved it."""
+        return path
+
     def should_stop(self) -> str | None:
         """None to go on; "cancel" to stop; "preempt" or "pause" to save, then stop; "lost" to
         abandon without saving."""

@@ -22,11 +22,17 @@ from transformers import AutoModelForCausalLM
 from modelio.loading import ModelLoadError
 from shared import storage
 from shared.schemas import TrainingSpec
+from shared.storage import ObjectMissing
+from shared.storage.folders import DamagedFolder
 from worker.attention import use_packed_attention
 from worker.devices import pin
 from worker.last_layer import run_last_layer_on_loss_positions
 
 log = logging.getLogger(__name__)
+
+# What a continued job reads of the adapter it starts from (a checkpoint's folder also holds
+# the Trainer's state, which it does not need).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # Attention and MLP projections per architecture; anything else gets peft's "all-linear".
 TARGET_MODULES: dict[str, list[str]] = {
@@ -204,12 +210,13 @@ def continued_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
             job still training), or its weights do not fit ``base``.
     """
     assert spec.initial_adapter is not None
-    folder = storage.root() / spec.initial_adapter
     source = spec.initial_model or spec.initial_adapter
     try:
+        folder = storage.get_cache().folder(storage.get_store(), spec.initial_adapter,
+                                            names=ADAPTER_FILES, legacy=True)
         config = LoraConfig.from_pretrained(str(folder))
         saved = load_file(folder / "adapter_model.safetensors")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ObjectMissing, DamagedFolder) as e:
         raise ModelLoadError(f"the adapter this job continues from ({source}) is gone: {e}",
                              param="model") from e
     config.lora_dropout = spec.lora.dropout

@@ -15,6 +15,7 @@ from datasets import Dataset
 
 from shared import preference
 from shared.errors import InvalidDataset
+from shared.hermes import ToolFormat
 from shared.records import iter_examples
 from shared.schemas import TrainingSpec
 from shared.templates import Rendered, render
@@ -23,8 +24,8 @@ from worker.preprocess import TOKENIZE_BATCH, Prepared, chat_renderer, prepare
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def render_pairs(path: Path, spec: TrainingSpec, tokenizer: Any,
-                 param: str) -> list[tuple[Rendered, Rendered]]:
+def render_pairs(path: Path, spec: TrainingSpec, tokenizer: Any, param: str,
+                 tools_as: ToolFormat | None = None) -> list[tuple[Rendered, Rendered]]:
     """The chosen and the rejected rendering of every record of a preference file.
 
     Raises:
@@ -32,7 +33,7 @@ def render_pairs(path: Path, spec: TrainingSpec, tokenizer: Any,
             job's format cannot render.
     """
     fmt = spec.prompt_format
-    renderer = chat_renderer(tokenizer) if fmt.type == "chat" else None
+    renderer = chat_renderer(tokenizer, tools_as) if fmt.type == "chat" else None
     out = []
     for lineno, example in iter_examples(path, prompt_format=fmt, param=param):
         if example.shape != preference.SHAPE:
@@ -72,12 +73,14 @@ def tokenize_pairs(pairs: list[tuple[Rendered, Rendered]], tokenizer: Any,
     return columns, dropped
 
 
-def build(path: Path, spec: TrainingSpec, tokenizer: Any, param: str) -> tuple[Dataset, int]:
-    """One preference file as a data set (a ``worker.preprocess.Builder``)."""
+def build(path: Path, spec: TrainingSpec, tokenizer: Any, param: str,
+          tools_as: ToolFormat | None) -> tuple[Dataset, int]:
+    """One preference file as a data set (a ``worker.preprocess.Builder``); ``tools_as``: how
+    the job renders tools (``worker.preprocess.tool_format``)."""
     # The two renderings of a pair share their prompt (the same messages before the answer):
     # the chosen one's is the pair's.
-    columns, dropped = tokenize_pairs(render_pairs(path, spec, tokenizer, param), tokenizer,
-                                      spec.max_length)
+    columns, dropped = tokenize_pairs(render_pairs(path, spec, tokenizer, param, tools_as),
+                                      tokenizer, spec.max_length)
     return Dataset.from_dict(columns), dropped
 
 

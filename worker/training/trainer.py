@@ -154,7 +154,7 @@ def train_adapter(
         # The job delivers the best evaluated checkpoint, whether or not it stopped early.
         result.best_checkpoint = checkpoints_dir / f"checkpoint-{early.best_step}"
         if early.best_step != step or not trained:
-            _load_adapter_weights(model, result.best_checkpoint)
+            _load_adapter_weights(model, hooks.local_checkpoint(result.best_checkpoint))
         extra["best_step"] = early.best_step
         if early.stopped_at is not None:
             result.early_stop = EarlyStop(step=step, best_step=early.best_step,
@@ -164,6 +164,8 @@ def train_adapter(
     # Before the fence: the check of the lease stays right before the adapter is replaced.
     probe = parity_probe(model, tokenizer, spec)
     fence()  # the adapter folder is shared: only the lease holder may replace it
+    if data.tool_format is not None:  # inference renders tools as training did
+        extra["tool_format"] = data.tool_format
     result.adapter_dir = save_adapter(model, spec, adapter_dest, {
         **(adapter_meta or {}), "steps": step, "trained_tokens": tokens, **extra,
         **({"parity_probe": probe} if probe is not None else {})})

@@ -78,6 +78,26 @@ export async function send(path, { method = "GET", json, form, key, signal } = {
   throw error;
 }
 
+/**
+ * The service's /health (public: no key is sent): whether the database and the broker answer,
+ * and which inference engine serves and why. Its body is read whatever the status: a 503 says
+ * what is wrong as well.
+ */
+export async function health({ signal } = {}) {
+  let response;
+  try {
+    response = await fetch("/health", { signal, cache: "no-store", credentials: "omit" });
+  } catch (e) {
+    if (e && e.name === "AbortError") throw e;
+    throw new ApiError(0, NETWORK_ERROR, "network_error");
+  }
+  try {
+    return await response.json();
+  } catch {
+    throw new ApiError(response.status, `/health answered ${response.status}`);
+  }
+}
+
 /** A JSON call: api("/v1/models"), api(path, {method: "POST", json: {...}}). */
 export async function api(path, options) {
   const response = await send(path, options);

@@ -175,6 +175,7 @@ export function newJobView(root) {
     ]);
     const keepTraining = selectId || trainingFile.value;
     const keepValidation = validationFile.value;
+    for (const f of files.data) recordFormats.set(f.id, f.record_format);
     const options = files.data.map((f) => h("option", { value: f.id },
       `${f.filename} (${f.id}, ${f.line_count ?? "?"} lines, ${f.record_format ?? "?"})`));
     replace(trainingFile, options.length ? options
@@ -182,6 +183,7 @@ export function newJobView(root) {
     replace(validationFile, h("option", { value: "" }, "None"), options.map((o) => o.cloneNode(true)));
     if (keepTraining) trainingFile.value = keepTraining;
     if (keepValidation) validationFile.value = keepValidation;
+    formatForFile();
     const bases = new Set([...recent.data.map((j) => j.model),
       ...models.data.map((m) => m.root)]);
     replace(modelChoices, [...bases].map((b) => h("option", { value: b })));
@@ -189,6 +191,14 @@ export function newJobView(root) {
     if (!model.value && recent.data.length) model.value = recent.data[0].model;
     showSnippets();
   }
+
+  // OpenAI's chat files (tools, several turns) train with the chat template, as the API does
+  // for them when a request names no format.
+  const recordFormats = new Map();
+  function formatForFile() {
+    if (recordFormats.get(trainingFile.value) === "chat") promptFormat.value = "chat";
+  }
+  trainingFile.addEventListener("change", formatForFile);
 
   schedule.addEventListener("change", () => {
     const steps = schedule.value === "steps";
