@@ -255,6 +255,7 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
     from modelio.model_text import ModelText
     from shared import storage
     from shared.settings import get_settings
+    from shared.storage import folders
     from worker.training import method_for
 
     outcome = Outcome(plan, threads=torch.get_num_threads())
@@ -291,13 +292,11 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
     sft_spec = job_spec(model_dir, "supervised", plan.sft_epochs)
     sft_adapter, outcome.train_seconds["SFT"] = train(sft_spec, sft_file, runs / "sft", log,
                                                       "sft" in stages)
-    sft_kept = storage.adapter_dir("ftjob-bench-sft")
+    sft_kept = storage.adapter_key("ftjob-bench-sft", 1)  # where a job's runner commits it
     if "sft-dpo" in stages:
-        shutil.rmtree(sft_kept, ignore_errors=True)
-        shutil.copytree(sft_adapter, sft_kept)
+        folders.commit_folder(storage.get_store(), sft_adapter, sft_kept)
     then_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha,
-                         initial_model="ft:bench-sft",
-                         initial_adapter=storage.relative(sft_kept))
+                         initial_model="ft:bench-sft", initial_adapter=sft_kept)
     then_adapter, outcome.train_seconds["SFT → DPO"] = train(
         then_spec, pairs, runs / "sft-dpo", log, "sft-dpo" in stages)
     outcome.settings = {

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from shared import storage  # noqa: E402
 from shared.errors import InvalidDataset  # noqa: E402
 from shared.schemas import DpoSpec, LoraSpec, TrainingSpec  # noqa: E402
+from shared.storage import folders  # noqa: E402
 from shared.templates import PromptFormat, render  # noqa: E402
 from tests.support import dialogsum_records, jsonl_bytes  # noqa: E402
 from tests.support.preference import OPENAI_EXAMPLE, preference_pairs  # noqa: E402
@@ -187,10 +188,12 @@ def test_a_continued_sft_adapter_is_its_own_reference(
                               lora=LoraSpec(r=4, alpha=8))
     sft = train_adapter(sft_job, tiny_tokenizer, prepare(sft_job, tiny_tokenizer, sft_file,
                                                          sft_hash),
-                        tmp_path / "sft-ckpt", storage.adapter_dir("ftjob-sft"), device="cpu")
+                        tmp_path / "sft-ckpt", tmp_path / "sft-adapter", device="cpu")
     assert sft.adapter_dir is not None
+    key = storage.adapter_key("ftjob-sft", 1)  # where the job's runner commits it
+    folders.commit_folder(storage.get_store(), sft.adapter_dir, key)
     job = dpo_spec(tiny_model, max_steps=2, initial_model="ft:tiny::ftjob-sft",
-                   initial_adapter=storage.relative(sft.adapter_dir))
+                   initial_adapter=key)
     built, data = setup(job, tiny_tokenizer, pairs, tmp_path / "ckpt")
     batch = built.trainer.data_collator([data.train[i] for i in range(4)])
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
