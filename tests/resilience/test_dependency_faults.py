@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,13 @@ INDEPENDENT = ("/console", "/metrics")
 STORELESS = re.compile(r"/v1/fine_tuning/jobs(\?|/[^/]+$|/[^/]+/events)")
 
 
+@dataclass(frozen=True)
 class Servers:
     """The dependencies of this test's own, which it kills and starts again."""
 
-    def __init__(self, pg: PrivatePostgres, redis: PrivateRedis, s3: SeaweedFS):
-        self.pg, self.redis, self.s3 = pg, redis, s3
+    pg: PrivatePostgres
+    redis: PrivateRedis
+    s3: SeaweedFS
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +113,20 @@ def test_postgres_redis_and_store_restarts(stack: Stack, tiny_model: Path,
         _hold_outage(polls, down, noticed, "every worker to lose the database")
         during_pg = polls.answers(since=down)
         pg.start()
+        # From now on, a client as the SDK's users have it: it retries a 503 after Retry-After.
+        client = stack.openai(max_retries=5)
 
         # 3. The object store dies (SIGKILL) under a training job, and starts again on the same
         #    ports and data folder.
         jobs.append(create_job(client, str(tiny_model), file_id, **TRAINING, seed=13).id)
+        first = wait_for_status(client, jobs[0], "succeeded", timeout=600)
         stored = _wait_training(stack, jobs[-1:])
         retried = _commit_retries(stack, stored)
         s3.kill()
         down = time.monotonic()
         refused_upload = _upload(http, "away.jsonl")
+        # A deletion is decided in the database; a worker deletes the objects later.
+        deleted_model = http.delete(f"/v1/models/{first.fine_tuned_model}")
         # The API checks a new job's file from its node cache: no need of the store.
         created_away = http.post("/v1/fine_tuning/jobs", json={
             "model": str(tiny_model), "training_file": file_id, **TRAINING, "seed": 14})
@@ -129,9 +137,10 @@ def test_postgres_redis_and_store_restarts(stack: Stack, tiny_model: Path,
         s3.start()
         assert created_away.status_code == 200, created_away.text
         jobs.append(created_away.json()["id"])
+        adapter = f"lorafleet/{stack.store().key_of(first.adapter_path)}/"
+        wait_until(lambda: s3.keys(stack.bucket, adapter) == [], timeout=300, interval=0.5,
+                   what="a worker to delete the objects of the deleted model")
 
-        # Afterwards, a client as the SDK's users have it: it retries a 503 after Retry-After.
-        client = stack.openai(max_retries=5)
         done = [wait_for_status(client, j, "succeeded", timeout=600) for j in jobs]
         after = create_job(client, str(tiny_model), file_id, **TRAINING, seed=12).id
         next_job = wait_for_status(client, after, "succeeded", timeout=300)
@@ -165,6 +174,8 @@ def test_postgres_redis_and_store_restarts(stack: Stack, tiny_model: Path,
     for refused in (refused_job, refused_file, refused_upload):
         assert refused.status_code == 503 and check_503(refused) is None, refused.text
     assert error_code(refused_upload) == "storage_unavailable", refused_upload.text
+    assert deleted_model.status_code == 200, deleted_model.text
+    assert stack.sql("SELECT key FROM storage_deletions") == []
     assert listed == {*jobs, after}
     assert files == [file_id]
     stored_files = {r.path for r in stack.sql("SELECT path FROM files")}
