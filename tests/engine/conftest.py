@@ -26,7 +26,7 @@ import pytest
 # (the bench never imports from tests/).
 from bench.serving_fixtures import build_adapter as build_adapter
 from bench.serving_latency import stop_engine
-from tests.support.backends import EMBEDDED
+from tests.support.backends import EMBEDDED, REDIS_POSTGRES
 from tests.support.stack import CLI, LIVE_STACKS, REPO_ROOT, Stack, StackError, free_port
 from tests.support.vllm import (
     LAST_SERVING_MODULE,
@@ -236,9 +236,11 @@ def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                    if shared else {})}
     # One thread per process: the tiny model gains nothing from more, and the worker, the
     # engine and the test process share the machine's cores.
+    stack_backend = getattr(request.module, "SERVING_BACKEND", EMBEDDED)
+    # Redis + PostgreSQL stacks store on S3: a bucket of the session's server.
+    s3 = request.getfixturevalue("seaweedfs") if stack_backend == REDIS_POSTGRES else None
     stack = Stack(tmp_path_factory.mktemp("serving"), settings=settings,
-                  env={"OMP_NUM_THREADS": "1"},
-                  backend=getattr(request.module, "SERVING_BACKEND", EMBEDDED),
+                  env={"OMP_NUM_THREADS": "1"}, backend=stack_backend, s3=s3,
                   workers=getattr(request.module, "SERVING_WORKERS", 1))
     port = free_port()
     while port == stack.port:  # both were free a moment ago; they must differ

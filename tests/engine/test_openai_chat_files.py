@@ -97,7 +97,8 @@ def trained(client: openai.OpenAI, models: dict[str, Path]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_an_openai_chat_file_trains_and_is_served(client: openai.OpenAI, trained: dict[str, Any],
-                                                  models: dict[str, Path], run: str) -> None:
+                                                  models: dict[str, Path], run: str,
+                                                  serving: ServingStack) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +107,8 @@ def test_an_openai_chat_file_trains_and_is_served(client: openai.OpenAI, trained
     assert (upload.model_extra["record_format"], upload.model_extra["line_count"]) == ("chat", 8)
     assert job.model_extra["prompt_format"]["type"] == "chat"  # none was sent
     assert job.model_extra["dataset"]["examples"] == 8
-    meta = json.loads(Path(job.model_extra["adapter_path"], "lorafleet.json").read_text())
+    adapter = serving.stack.local_folder(job.model_extra["adapter_path"])  # on S3 here
+    meta = json.loads((adapter / "lorafleet.json").read_text())
     assert meta["tool_format"] == TOOL_FORMATS[model]  # as the probe found the template
     assert meta["prompt_format"]["type"] == "chat"
 
@@ -114,7 +116,7 @@ def test_an_openai_chat_file_trains_and_is_served(client: openai.OpenAI, trained
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         before = base(ids).logits
-        after = PeftModel.from_pretrained(base, job.model_extra["adapter_path"]).eval()(ids).logits
+        after = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
     assert not torch.allclose(before, after)
 
     reply = client.chat.completions.create(
