@@ -18,14 +18,14 @@ from sqlalchemy.orm import Session
 from api import continuation
 from api.metadata_filter import MetadataFilter
 from api.served_models import CHECKPOINT_NAME
-from shared import files, lifecycle
+from shared import files, lifecycle, methods
 from shared.db import QUEUE_LOCK, lock_project
 from shared.errors import Conflict, InvalidRequest, NotFound, Overloaded, ValidationFailed
 from shared.events import add_event
 from shared.ids import new_id, now, plausible_id
 from shared.lifecycle import JobStatus
 from shared.models import Checkpoint, File, Job, JobEvent
-from shared.schemas import BASE_LEARNING_RATE, JobCreate, TrainingSpec
+from shared.schemas import DpoSpec, JobCreate, TrainingSpec
 from shared.settings import get_settings
 from shared.templates import PromptFormat
 
@@ -117,6 +117,33 @@ def _check_early_stopping(req: JobCreate) -> None:
                              "early_stopping_patience", param="early_stopping_threshold")
 
 
+def _check_method_fields(req: JobCreate) -> None:
+    """Refuse extensions that the job's method does not use, naming the first.
+
+    Raises:
+        InvalidRequest: a field of another method, or one this method has no use for.
+    """
+    method = req.method_type
+    facts = methods.METHODS[method]
+    for field in facts.unused_fields:
+        if field in req.model_fields_set and getattr(req, field):
+            raise InvalidRequest(f"{field} does not apply to a {method} job", param=field)
+    for other, other_facts in methods.METHODS.items():
+        for field in other_facts.own_fields:
+            if other != method and getattr(req, field) is not None:
+                raise InvalidRequest(f"{field} applies to {other} jobs only (this job's method "
+                                     f"is {method})", param=field)
+
+
+def _method_options(req: JobCreate) -> DpoSpec | None:
+    """The settings of the job's method beyond the shared hyperparameters."""
+    if req.method_type != "dpo":
+        return None
+    beta = getattr(req.openai_hyperparameters(), "beta", None)
+    return DpoSpec(beta=beta if isinstance(beta, int | float) else methods.DEFAULT_BETA,
+                   loss_type=req.loss_type or "sigmoid", rpo_alpha=req.rpo_alpha)
+
+
 def _check_limits(req: JobCreate) -> None:
     s = get_settings()
     problems = []
@@ -158,20 +185,30 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
     are checked later (``validating_files``), so this never reads them."""
     _check_limits(req)
     _check_early_stopping(req)
+    _check_method_fields(req)
+    method = req.method_type
     start = (continuation.continue_from(session, req, project)
              if continuation.is_continuation(req.model) else None)
     model = start.base_model if start else _check_model(req.model)
     train = _input_file(session, req.training_file, project, "training_file")
+    methods.check_file(method, train.record_format, train.id, "training_file")
     valid = (_input_file(session, req.validation_file, project, "validation_file")
              if req.validation_file else None)
+    if valid is not None:
+        methods.check_file(method, valid.record_format, valid.id, "validation_file")
     fmt = start.prompt_format if start else _prompt_format(req, train)
+    if fmt.type == "custom" and not methods.METHODS[method].custom_format:
+        raise InvalidRequest(f"a {method} job renders its records with the dolly, phi2-qa or "
+                             "chat format, not a custom template", param="prompt_format")
     hp = req.openai_hyperparameters()
     batch_size = req.batch_size or (hp.batch_size if isinstance(hp.batch_size, int) else None)
     n_epochs = req.n_epochs or (hp.n_epochs if isinstance(hp.n_epochs, int) else None) or 1
     lr = req.learning_rate
     if lr is None:
         mult = hp.learning_rate_multiplier
-        lr = BASE_LEARNING_RATE * (mult if isinstance(mult, int | float) else 1.0)
+        lr = methods.base_learning_rate(method) * (mult if isinstance(mult, int | float) else 1.0)
+    # Packed batches are the supervised trainer's; a DPO batch pads its pairs.
+    packing = req.packing and "packing" not in methods.METHODS[method].unused_fields
     return TrainingSpec(
         model=model,
         training_file=train.id,
@@ -187,13 +224,13 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         gradient_accumulation_steps=req.gradient_accumulation_steps,
         # Neither a batch size nor a budget: the worker picks (a token budget on a GPU).
         max_tokens_per_batch=req.max_tokens_per_batch or (
-            "auto" if batch_size is None and req.packing else None),
+            "auto" if batch_size is None and packing else None),
         learning_rate=lr,
         warmup=req.warmup,
         save_steps=req.save_steps,
         logging_steps=req.logging_steps,
         train_on_inputs=req.train_on_inputs,
-        packing=req.packing,
+        packing=packing,
         gradient_checkpointing=req.gradient_checkpointing,
         quantization=req.quantization,
         early_stopping_patience=req.early_stopping_patience,
@@ -202,6 +239,8 @@ def build_spec(session: Session, req: JobCreate, project: str) -> TrainingSpec:
         seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
         initial_model=start.initial_model if start else None,
         initial_adapter=start.initial_adapter if start else None,
+        method=method,
+        dpo=_method_options(req),
     )
 
 

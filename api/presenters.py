@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from shared import storage
+from shared import methods, storage
 from shared.ids import fine_tuned_model_name
 from shared.lifecycle import JobStatus
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
-    BASE_LEARNING_RATE,
     CheckpointPublic,
     DatasetStats,
     ErrorInfo,
@@ -31,8 +30,10 @@ def job_public(job: Job) -> JobPublic:
     hp = {
         "n_epochs": spec.n_epochs if spec.max_steps is None else "auto",
         "batch_size": spec.batch_size,
-        "learning_rate_multiplier": spec.learning_rate / BASE_LEARNING_RATE,
+        "learning_rate_multiplier": spec.learning_rate / methods.base_learning_rate(spec.method),
     }
+    # OpenAI's method object, with what each "auto" resolved to.
+    own = {**hp, "beta": spec.dpo.beta} if spec.dpo is not None else hp
     return JobPublic(
         id=job.id,
         created_at=job.created_at,
@@ -45,7 +46,7 @@ def job_public(job: Job) -> JobPublic:
         validation_file=job.validation_file,
         result_files=list(job.result_files or []),
         hyperparameters=hp,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        method={"type": spec.method, spec.method: {"hyperparameters": own}},
         trained_tokens=job.trained_tokens,
         seed=job.seed,
         # A projection of the running attempt's pace: none while the job does not run.
@@ -70,6 +71,8 @@ def job_public(job: Job) -> JobPublic:
         early_stopping_threshold=(spec.early_stopping_threshold
                                   if spec.early_stopping_patience else None),
         integrations=spec.integrations,
+        loss_type=spec.dpo.loss_type if spec.dpo is not None else None,
+        rpo_alpha=spec.dpo.rpo_alpha if spec.dpo is not None else None,
         progress=Progress(**job.progress) if job.progress else None,
         trainable_parameters=job.trainable_parameters,
         total_parameters=job.total_parameters,

@@ -220,9 +220,9 @@ class WorkLog:
 def logging_work(log: WorkLog) -> Iterator[None]:
     """Log the batches of either side: lorafleet's collator, and the recipe's counter."""
     from bench import recipe
-    from worker.training import trainer
+    from worker.training import supervised
 
-    make_collator, counting = trainer.make_collator, recipe.CountingCollator
+    make_collator, counting = supervised.make_collator, recipe.CountingCollator
 
     def logged_collator(*args: Any, **kwargs: Any) -> Any:
         collate = make_collator(*args, **kwargs)
@@ -239,12 +239,12 @@ def logging_work(log: WorkLog) -> Iterator[None]:
             log.add(batch)
             return batch
 
-    setattr(trainer, "make_collator", logged_collator)  # noqa: B010 - a module, patched
+    setattr(supervised, "make_collator", logged_collator)  # noqa: B010 - a module, patched
     setattr(recipe, "CountingCollator", LoggedCounter)  # noqa: B010
     try:
         yield
     finally:
-        setattr(trainer, "make_collator", make_collator)  # noqa: B010
+        setattr(supervised, "make_collator", make_collator)  # noqa: B010
         setattr(recipe, "CountingCollator", counting)  # noqa: B010
 
 

@@ -130,7 +130,7 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
     from modelio.loading import load_tokenizer
     from shared.settings import get_settings
     from worker.preprocess import prepare
-    from worker.training import Hooks, StartInfo, model, trainer
+    from worker.training import Hooks, StartInfo, model, supervised, trainer
 
     knobs = knobs or {}
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -160,8 +160,8 @@ def train_lorafleet(model_dir: Path, train_file: Path, out_dir: Path, hp: Hyper,
         return made
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(trainer, "make_collator", wrap_collator))
-        stack.enter_context(_patched(trainer, "training_arguments", wrap_args))
+        stack.enter_context(_patched(supervised, "make_collator", wrap_collator))
+        stack.enter_context(_patched(supervised, "training_arguments", wrap_args))
         if knobs.get("plain_gelu"):
             stack.enter_context(_patched(model, "fuse_tanh_gelu", lambda f: lambda m: 0))
         if knobs.get("full_last_layer"):

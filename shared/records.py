@@ -8,6 +8,9 @@ Accepted shapes (detected per record, columns remappable per job with ``column_m
 * ``completion`` — ``prompt``, ``completion``
 * ``chat`` — ``messages`` (optional ``tools``, ``parallel_tool_calls``): OpenAI's chat record,
   checked by :mod:`shared.chat`, ending with an assistant message
+* ``preference`` — OpenAI's preference (DPO) pairs: ``input`` (``messages``, ``tools``,
+  ``parallel_tool_calls``), ``preferred_output`` and ``non_preferred_output``; checked by
+  :mod:`shared.preference`
 
 An upload, a job's file check and preprocessing all read files with :func:`iter_examples` (or
 :func:`validate_file`) and check records with :func:`validate_record`; they differ only in what
@@ -45,6 +48,12 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dolly": (("instruction", "response"), ("context", "category")),
     "completion": (("prompt", "completion"), ()),
     "chat": (("messages",), ("tools", "parallel_tool_calls")),
+    "preference": (("input", "preferred_output", "non_preferred_output"), ()),
+}
+# Columns that name a shape on their own: a record with one of them is checked as that shape
+# (and told which of its columns it lacks) rather than passing as ``custom``.
+MARKERS: dict[str, tuple[str, ...]] = {
+    "preference": ("preferred_output", "non_preferred_output"),
 }
 CHAT_ROLES = ROLES
 
@@ -71,8 +80,25 @@ class Example:
     chat: Chat | None = None  # a chat record, checked (its messages are ``messages``)
 
 
+class ShapeReader(Protocol):
+    """The check of a shape that lives in a module of its own (which builds on this one, so it
+    registers itself in :data:`READERS`)."""
+
+    def __call__(self, record: dict[str, Any], *, instruction: str | None,
+                 allow_blank: bool) -> Example: ...
+
+
+# shape -> its reader; ``shared.preference`` registers the preference shape (``shared``'s
+# package init imports it, so the registration is in place before any record is read).
+READERS: dict[str, ShapeReader] = {}
+
+
 def detect_shape(record: dict[str, Any]) -> str | None:
-    """The first shape whose required columns the record has, else ``None``."""
+    """The shape one of whose :data:`MARKERS` the record has, else the first shape whose
+    required columns it has, else ``None``."""
+    for shape, markers in MARKERS.items():
+        if any(col in record for col in markers):
+            return shape
     for shape, (required, _optional) in SHAPES.items():
         if all(col in record for col in required):
             return shape
@@ -139,6 +165,8 @@ def to_example(
         )
     if shape not in SHAPES:
         raise RecordError(f"unknown record shape '{shape}'")
+    if shape in READERS:
+        return READERS[shape](rec, instruction=instruction, allow_blank=allow_blank)
     text = partial(_text, rec, allow_blank=allow_blank)
     if shape == "dialogsum":
         return Example(

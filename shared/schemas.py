@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.lifecycle import JobStatus
 from shared.templates import PromptFormat
 
-BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier multiplies
+BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier multiplies (supervised jobs)
+MethodType = Literal["supervised", "dpo"]
+# TRL's DPO losses that a job may name (TRL's `sigmoid` is the DPO paper's).
+LossType = Literal["sigmoid", "ipo", "hinge", "sigmoid_norm"]
 
 
 class Strict(BaseModel):
@@ -47,13 +50,37 @@ class OpenAIHyperparameters(Strict):
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
 
 
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
+
+
 class SupervisedMethod(Strict):
     hyperparameters: OpenAIHyperparameters | None = None
 
 
+class DpoMethod(Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(Strict):
-    type: Literal["supervised"] = "supervised"
+    """OpenAI's ``method``: ``{"type": "supervised" | "dpo", "<type>": {"hyperparameters"}}``."""
+
+    type: MethodType = "supervised"
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _own_settings(self) -> Method:
+        for name in ("supervised", "dpo"):
+            if name != self.type and getattr(self, name) is not None:
+                raise ValueError(f"'{name}' settings apply to type '{name}', and the type is "
+                                 f"'{self.type}'")
+        return self
+
+    def hyperparameters(self) -> OpenAIHyperparameters | None:
+        """The hyperparameters given under the method's own key."""
+        own: SupervisedMethod | DpoMethod | None = getattr(self, self.type)
+        return own.hyperparameters if own is not None else None
 
 
 class WandbIntegration(Strict):
@@ -152,6 +179,18 @@ class JobCreate(Strict):
         description="The least decrease of the validation loss that counts as an improvement "
         "(default 0). Needs early_stopping_patience.",
     )
+    loss_type: LossType | None = Field(
+        None,
+        description="DPO jobs: TRL's preference loss, 'sigmoid' (the DPO paper's, the default), "
+        "'ipo', 'hinge' or 'sigmoid_norm' (sigmoid on length-normalised log-ratios).",
+    )
+    rpo_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="DPO jobs: the weight of an added supervised loss on the preferred answers "
+        "(RPO; TRL's 'sft' loss term). Unset: none.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -175,11 +214,24 @@ class JobCreate(Strict):
             raise ValueError("give max_steps or n_epochs, not both")
         return self
 
+    @property
+    def method_type(self) -> MethodType:
+        return self.method.type if self.method is not None else "supervised"
+
     def openai_hyperparameters(self) -> OpenAIHyperparameters:
+        """The top-level ``hyperparameters`` (OpenAI's older field), else the method's."""
         hp = self.hyperparameters
-        if hp is None and self.method and self.method.supervised:
-            hp = self.method.supervised.hyperparameters
+        if hp is None and self.method is not None:
+            hp = self.method.hyperparameters()
         return hp or OpenAIHyperparameters()
+
+
+class DpoSpec(BaseModel):
+    """How a DPO job weighs its preference pairs (TRL's ``DPOConfig`` fields)."""
+
+    beta: float = 0.1
+    loss_type: LossType = "sigmoid"
+    rpo_alpha: float | None = None
 
 
 class TrainingSpec(BaseModel):
@@ -216,6 +268,8 @@ class TrainingSpec(BaseModel):
     # request named it, and its adapter's folder relative to the storage folder.
     initial_model: str | None = None
     initial_adapter: str | None = None
+    method: MethodType = "supervised"
+    dpo: DpoSpec | None = None  # DPO jobs only
 
 
 # --------------------------------------------------------------------------- responses
@@ -324,6 +378,8 @@ class JobPublic(BaseModel):
     quantization: Literal["4bit"] | None = None
     early_stopping_patience: int | None = None
     early_stopping_threshold: float | None = None
+    loss_type: LossType | None = None
+    rpo_alpha: float | None = None
     progress: Progress | None = None
     trainable_parameters: int | None = None
     total_parameters: int | None = None

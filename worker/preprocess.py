@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ def fingerprint(spec: TrainingSpec, tokenizer: Any, file_hashes: list[str]) -> s
     tok = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
     key = {
         "v": PREPROCESS_VERSION,
+        "method": spec.method,  # each method lays its data out its own way
         "files": file_hashes,
         "format": spec.prompt_format.model_dump(mode="json"),
         "column_map": spec.column_map,
@@ -145,6 +147,11 @@ def fingerprint(spec: TrainingSpec, tokenizer: Any, file_hashes: list[str]) -> s
         "eos": tokenizer.eos_token_id,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# Builds one file's data set: (path, spec, tokenizer, param, how tools are rendered) ->
+# (data set, examples dropped).
+Builder = Callable[[Path, TrainingSpec, Any, str, ToolFormat | None], tuple[Dataset, int]]
 
 
 def _build(path: Path, spec: TrainingSpec, tokenizer: Any, param: str,
@@ -161,8 +168,14 @@ def prepare(
     train_hash: str,
     valid_path: Path | None = None,
     valid_hash: str | None = None,
+    *,
+    build: Builder = _build,
 ) -> Prepared:
     """Tokenized train (and validation) sets, from the cache when an attempt already built them.
+
+    Args:
+        build: how a file becomes a data set; the supervised layout (``input_ids``,
+            ``labels``) unless a method brings its own.
 
     Raises:
         InvalidDataset: a bad record, or no example shorter than ``max_length``.
@@ -175,7 +188,7 @@ def prepare(
     if cached is not None:
         return cached
 
-    train, dropped = _build(train_path, spec, tokenizer, "training_file", tools_as)
+    train, dropped = build(train_path, spec, tokenizer, "training_file", tools_as)
     if len(train) == 0:
         raise InvalidDataset(
             f"training_file: all {dropped} examples reach max_length={spec.max_length} tokens "
@@ -184,7 +197,7 @@ def prepare(
         )
     valid = None
     if valid_path is not None:
-        valid, _ = _build(valid_path, spec, tokenizer, "validation_file", tools_as)
+        valid, _ = build(valid_path, spec, tokenizer, "validation_file", tools_as)
         if len(valid) == 0:
             raise InvalidDataset(
                 f"validation_file: every example reaches max_length={spec.max_length}",

@@ -32,7 +32,6 @@ from worker import checkpoints
 from worker import metrics as worker_metrics
 from worker.commits import SETUP_SECONDS, CommitFailed, Committer, with_backoff
 from worker.evaluation import record_evaluation
-from worker.preprocess import prepare
 from worker.training import (
     CheckpointInfo,
     EarlyStop,
@@ -43,9 +42,11 @@ from worker.training import (
     Result,
     StartInfo,
     StopTraining,
+    method_for,
+    metrics_data,
     train_adapter,
 )
-from worker.training.results import RESULTS_COLUMNS, results_csv
+from worker.training.results import results_columns, results_csv
 from worker.training.wandb_run import WandbRun
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class JobHooks(Hooks):
         )
 
     def on_metrics(self, metrics: Metrics) -> None:
-        data = asdict(metrics)
+        data = metrics_data(metrics)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in data.items()
                           if k != "step" and isinstance(v, float))
         what = ("Full validation at step" if isinstance(metrics, FullValidationMetrics)
@@ -359,7 +360,8 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
 
     hooks.wandb = _wandb_run(claim, spec, hooks)
     tokenizer = load_tokenizer(spec.model)
-    data = prepare(spec, tokenizer, train_path, train_hash, valid_path, valid_hash)
+    method = method_for(spec)
+    data = method.prepare(spec, tokenizer, train_path, train_hash, valid_path, valid_hash)
     if data.cached:
         hooks.write(event="Using the preprocessed data set cached by an earlier attempt")
     name = fine_tuned_model_name(claim.model, claim.suffix, claim.job_id)
@@ -394,7 +396,7 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     except LeaseLost:
         hooks.committer.take_back(adapter)
         raise
-    results = _store_results(claim, hooks, result)
+    results = _store_results(claim, hooks, result, results_columns(method.metric_names))
     done = with_db_retry(
         lifecycle.finish, claim.job_id, claim.attempt, JobStatus.SUCCEEDED,
         message=f"Fine-tuning job succeeded: {name}, adapter at {store.url(adapter)}",
@@ -450,7 +452,8 @@ def _wandb_run(claim: Claim, spec: TrainingSpec, hooks: JobHooks) -> WandbRun | 
                     config=config, mode=mode, report=hooks.report)
 
 
-def _store_results(claim: Claim, hooks: JobHooks, result: Result) -> list[File]:
+def _store_results(claim: Claim, hooks: JobHooks, result: Result,
+                   columns: tuple[str, ...]) -> list[File]:
     """The job's per-step metrics as a ``fine-tune-results`` CSV file of its project. A file
     that cannot be written costs the job a warning, not its success."""
     if not result.metrics:
@@ -458,7 +461,7 @@ def _store_results(claim: Claim, hooks: JobHooks, result: Result) -> list[File]:
     try:
         with session_scope() as s:
             row = save_result_file(s, claim.project, "step_metrics.csv",
-                                   results_csv(result.metrics), columns=list(RESULTS_COLUMNS))
+                                   results_csv(result.metrics, columns), columns=list(columns))
             s.expunge(row)
             return [row]
     except Exception as e:  # noqa: BLE001 - the adapter is what the job is for

@@ -408,3 +408,49 @@ def test_the_job_list_polls_every_two_seconds_at_most(console: Callable[..., Con
         """([pattern, since]) => performance.getEntriesByType('resource').some(
              e => new RegExp(pattern).test(e.name) && e.startTime > since)""",
         arg=[lists, hidden_at], timeout=LONG)
+
+
+def test_a_dpo_job_shows_its_reward_curves(console: Callable[..., Console], live: Stack,
+                                           tiny_model: Path) -> None:
+    """A DPO job's page plots its reward margin and accuracy per step and per evaluation, and
+    says which method and reference it trains with; a supervised job's page shows none."""
+    from tests.support.preference import upload_preference
+
+    client = live.openai()
+    train, valid = upload_preference(client, 8), upload_preference(client, 4, offset=8)
+    job = create_job(client, str(tiny_model), train.id, validation_file=valid.id,
+                     method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+                     max_steps=4, save_steps=2, batch_size=2, max_length=1024)
+    done = wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                      in ("succeeded", "failed") and j, f"{job.id} to end")
+    assert done.status == "succeeded", done.error
+    events = list_all_events(client, job.id)
+    evaluated = {e.data["step"] for e in events if e.type == "metrics"
+                 and "valid_rewards/margins" in (e.data or {})}
+    tab = console(live.base_url)
+    tab.open(f"console#/jobs/{job.id}")
+    tab.sign_in(live.key)
+    page = tab.page
+
+    rewards = page.get_by_role("heading", name="Preference rewards")
+    expect(rewards).to_be_visible(timeout=LONG)
+    for chart in ("margin-chart", "accuracy-chart"):
+        expect(page.locator(f'#{chart} path[data-series="train"]')).to_have_attribute(
+            "data-points", "4", timeout=LONG)
+        expect(page.locator(f'#{chart} path[data-series="valid"]')).to_have_attribute(
+            "data-points", str(len(evaluated)))
+    expect(page.locator("#margin-chart svg")).to_have_attribute(
+        "aria-label", re.compile(r"^Reward margin curves\. Reward margin: 4 points"))
+    expect(page.locator("main")).to_contain_text("DPO, beta 0.2, sigmoid loss, reference: "
+                                                 "the base model")
+    assert len(evaluated) == 2
+    tab.screenshot("dpo-rewards")
+    tab.assert_no_trace_shown()
+    assert not tab.console_errors
+
+    plain = create_job(client, str(tiny_model), upload_dialogsum(client, 4).id)
+    client.fine_tuning.jobs.cancel(plain.id)
+    tab.open(f"console#/jobs/{plain.id}")
+    expect(page.get_by_role("heading", name="Loss")).to_be_visible(timeout=LONG)
+    expect(page.locator("main")).to_contain_text("supervised")
+    expect(rewards).to_be_hidden()

@@ -1,5 +1,6 @@
 """OpenAI's metrics, early stopping and the W&B integration, through the SDK, on a real Celery
-worker: one job that logs to W&B (offline: there is no key here) and stops early."""
+worker: one job that logs to W&B (offline: there is no key here) and stops early, supervised on
+each backend and DPO (whose reward metrics go everywhere the loss goes)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support import BACKENDS, Stack, create_job, list_all_events, upload_dialogsum
+from tests.support import (
+    BACKENDS,
+    EMBEDDED,
+    Stack,
+    create_job,
+    list_all_events,
+    upload_dialogsum,
+)
+from tests.support.preference import upload_preference
 from tests.support.wandb_files import wandb_history, wandb_run_record
 
 pytestmark = pytest.mark.e2e
@@ -25,18 +34,34 @@ pytest.importorskip("wandb")
 PATIENCE = 2
 SAVE_STEPS = 2
 WANDB = {"project": "lorafleet-e2e", "name": "early-stop", "tags": ["e2e", "tiny"]}
+# What a DPO job reports beside the loss (worker.training.dpo.METRICS).
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def stack(request: pytest.FixtureRequest, make_module_stack: Any,
+@pytest.fixture(scope="module", params=[
+    *(pytest.param((b.values[0], "supervised"), id=b.id) for b in BACKENDS),
+    pytest.param((EMBEDDED, "dpo"), id=f"{EMBEDDED}-dpo")])
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(backend, method): supervised on each backend, DPO on one."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def method(case: tuple[str, str]) -> str:
+    return case[1]
+
+
+@pytest.fixture(scope="module")
+def stack(case: tuple[str, str], make_module_stack: Any,
           tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    """One stack per backend. One checkpoint kept per job (the best must survive anyway); no
+    """One stack per case. One checkpoint kept per job (the best must survive anyway); no
     W&B account: no key, no netrc, W&B's own folders in tmp."""
     home = tmp_path_factory.mktemp("wandb-home")
     env = {"WANDB_API_KEY": "", "NETRC": str(home / "netrc"),
            **{name: str(home / name.lower())
               for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}}
-    return make_module_stack(backend=request.param, settings={"keep_checkpoints": 1}, env=env)
+    return make_module_stack(backend=case[0], settings={"keep_checkpoints": 1}, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +69,27 @@ def client(stack: Stack) -> openai.OpenAI:
     return stack.openai()
 
 
+def own_metrics(method: str) -> tuple[str, ...]:
+    """The metrics a job of ``method`` reports beside OpenAI's."""
+    return DPO_METRICS if method == "dpo" else ()
+
+
 @pytest.fixture(scope="module")
-def run(client: openai.OpenAI, tiny_model: Path) -> dict[str, Any]:
+def run(client: openai.OpenAI, tiny_model: Path, method: str) -> dict[str, Any]:
     """A job whose threshold no evaluation reaches: it stops after PATIENCE evaluations past
     the first. Watched until it ends; what it showed while running is kept."""
-    train = upload_dialogsum(client, 16)
-    valid = upload_dialogsum(client, 4, split="validation")
+    if method == "dpo":
+        train, valid = upload_preference(client, 16), upload_preference(client, 4, "validation")
+        options: dict[str, Any] = {"method": {"type": "dpo"}, "learning_rate": 1e-2,
+                                   "max_length": 1024}
+    else:
+        train, valid = upload_dialogsum(client, 16), upload_dialogsum(client, 4, "validation")
+        options = {"learning_rate": 1.0}
     created = create_job(
         client, str(tiny_model), train.id, validation_file=valid.id, max_steps=12,
-        save_steps=SAVE_STEPS, batch_size=2, learning_rate=1.0,
-        early_stopping_patience=PATIENCE, early_stopping_threshold=100.0,
-        integrations=[{"type": "wandb", "wandb": WANDB}])
+        save_steps=SAVE_STEPS, batch_size=2, early_stopping_patience=PATIENCE,
+        early_stopping_threshold=100.0, integrations=[{"type": "wandb", "wandb": WANDB}],
+        **options)
     estimates: list[int] = []
     deadline = time.monotonic() + 300
     job = client.fine_tuning.jobs.retrieve(created.id)
@@ -102,10 +137,11 @@ def test_early_stopping_ends_the_job_with_the_best_checkpoint(stack: Stack,
     assert json.loads((adapter / "lorafleet.json").read_text())["best_step"] == best
 
 
-def test_metrics_have_openais_names(run: dict[str, Any]) -> None:
+def test_metrics_have_openais_names(run: dict[str, Any], method: str) -> None:
     events, checkpoints = run["events"], run["checkpoints"]
     train = metrics_events(events, "train_loss")
     valid = metrics_events(events, "valid_loss")
+    names = own_metrics(method)
 
     assert sorted(train) == list(range(1, 7))
     assert all(0 <= d["train_mean_token_accuracy"] <= 1 for d in train.values())
@@ -113,6 +149,10 @@ def test_metrics_have_openais_names(run: dict[str, Any]) -> None:
     [full] = [e for e in events if e.message.startswith("Full validation at step 6")]
     assert full.data["full_valid_loss"] == valid[6]["valid_loss"]
     assert full.data["full_valid_mean_token_accuracy"] == valid[6]["valid_mean_token_accuracy"]
+    # The method's own metrics, with every loss they go with.
+    assert all(set(names) <= set(d) for d in train.values())
+    assert all({f"valid_{n}" for n in names} <= set(d) for d in valid.values())
+    assert all(full.data[f"full_valid_{n}"] == valid[6][f"valid_{n}"] for n in names)
     for ckpt in checkpoints:
         m, step = ckpt.metrics, ckpt.step_number
         assert m.step == step and m.train_loss == train[step]["train_loss"]
@@ -121,12 +161,15 @@ def test_metrics_have_openais_names(run: dict[str, Any]) -> None:
         assert m.valid_mean_token_accuracy == valid[step]["valid_mean_token_accuracy"]
         # Training ended at step 6: that checkpoint's evaluation is the full validation.
         assert (m.full_valid_loss is not None) == (step == 6)
+        for n in names:
+            assert m.model_extra[n] == train[step][n]
+            assert m.model_extra[f"valid_{n}"] == valid[step][f"valid_{n}"]
     [last] = [c for c in checkpoints if c.step_number == 6]
     assert last.metrics.full_valid_loss == last.metrics.valid_loss
 
 
-def test_the_results_file_has_every_steps_metrics(client: openai.OpenAI,
-                                                  run: dict[str, Any]) -> None:
+def test_the_results_file_has_every_steps_metrics(client: openai.OpenAI, run: dict[str, Any],
+                                                  method: str) -> None:
     job, events = run["job"], run["events"]
     train = metrics_events(events, "train_loss")
     valid = metrics_events(events, "valid_loss")
@@ -138,17 +181,21 @@ def test_the_results_file_has_every_steps_metrics(client: openai.OpenAI,
 
     assert (info.purpose, info.filename) == ("fine-tune-results", "step_metrics.csv")
     assert file_id in {f.id for f in client.files.list(purpose="fine-tune-results")}
-    assert text.splitlines()[0] == (
-        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
+    names = own_metrics(method)
+    assert text.splitlines()[0].split(",") == [
+        "step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+        *names, *(f"valid_{n}" for n in names)]
     assert [int(r["step"]) for r in rows] == sorted(train)
     for r in rows:
         step = int(r["step"])
         assert float(r["train_loss"]) == train[step]["train_loss"]
         assert float(r["train_accuracy"]) == train[step]["train_mean_token_accuracy"]
+        assert all(float(r[n]) == train[step][n] for n in names)
         if step in valid:
             assert float(r["valid_loss"]) == valid[step]["valid_loss"]
             assert float(r["valid_mean_token_accuracy"]) == (
                 valid[step]["valid_mean_token_accuracy"])
+            assert all(float(r[f"valid_{n}"]) == valid[step][f"valid_{n}"] for n in names)
         else:
             assert r["valid_loss"] == r["valid_mean_token_accuracy"] == ""
 
@@ -162,8 +209,8 @@ def test_trained_tokens_and_estimated_finish(stack: Stack, run: dict[str, Any]) 
     assert all(math.isfinite(t) and t >= job.created_at for t in run["estimates"])
 
 
-def test_the_wandb_run_is_offline_and_holds_the_losses(stack: Stack,
-                                                       run: dict[str, Any]) -> None:
+def test_the_wandb_run_is_offline_and_holds_the_losses(stack: Stack, run: dict[str, Any],
+                                                       method: str) -> None:
     job, events = run["job"], run["events"]
     train = metrics_events(events, "train_loss")
     valid = metrics_events(events, "valid_loss")
@@ -185,6 +232,8 @@ def test_the_wandb_run_is_offline_and_holds_the_losses(stack: Stack,
         s: d["train_loss"] for s, d in train.items()}
     assert {s: history[s]["valid_loss"] for s in valid} == {
         s: d["valid_loss"] for s, d in valid.items()}
+    for n in own_metrics(method):
+        assert {s: h[n] for s, h in history.items()} == {s: d[n] for s, d in train.items()}
     assert (record["project"], record["display_name"], record["tags"]) == (
         WANDB["project"], WANDB["name"], WANDB["tags"])
     assert record["run_id"] == job.id

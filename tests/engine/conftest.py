@@ -237,7 +237,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     # One thread per process: the tiny model gains nothing from more, and the worker, the
     # engine and the test process share the machine's cores.
     stack_backend = getattr(request.module, "SERVING_BACKEND", EMBEDDED)
-    # Redis + PostgreSQL stacks store on S3: a bucket of the session's server.
+    # Redis + PostgreSQL stacks store in S3 (the backends are paired, tests/support/stack.py).
     s3 = request.getfixturevalue("seaweedfs") if stack_backend == REDIS_POSTGRES else None
     stack = Stack(tmp_path_factory.mktemp("serving"), settings=settings,
                   env={"OMP_NUM_THREADS": "1"}, backend=stack_backend, s3=s3,

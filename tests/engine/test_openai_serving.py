@@ -301,3 +301,44 @@ def test_a_full_queue_answers_429_with_retry_after(serving: ServingStack, client
     assert client.completions.create(model=summarizer.fine_tuned_model, prompt="after",
                                      max_tokens=2).choices
     assert serving.engine_stats()["queued"] == 0
+
+
+def test_a_dpo_job_from_openais_files_is_trained_and_served(
+        serving: ServingStack, client: Any, tiny_model: Path) -> None:
+    """The preference rows of OpenAI's formats through the SDK: a DPO file is uploaded as
+    ``preference``, a job with ``method: dpo`` trains it, its adapter loads with peft, and the
+    API serves it (on vLLM, once its parity probe, recorded at the end of training, passed)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.preference import OPENAI_EXAMPLE, preference_pairs
+    from worker.training.probe import PROBE_INPUT
+
+    file = upload_bytes(client, jsonl_bytes([OPENAI_EXAMPLE, *preference_pairs(7)]),
+                        "preference.jsonl")
+    assert file.record_format == "preference"
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model), training_file=file.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 4,
+                                                           "n_epochs": 1}}},
+        extra_body={"lora": {"r": 4, "alpha": 8}, "max_length": 1024})
+    done = wait_for_status(client, job.id, "succeeded", timeout=300)
+    assert done.method.type == "dpo" and done.method.dpo.hyperparameters.beta == 0.1
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+                                       done.adapter_path)
+    probe = json.loads(Path(done.adapter_path, "lorafleet.json").read_text())["parity_probe"]
+    checks = serving.engine_stats().get("parity_checks", 0)
+    answer = client.completions.create(model=done.fine_tuned_model, prompt=PROBE_INPUT,
+                                       max_tokens=probe["max_new_tokens"], temperature=0)
+    chat = client.chat.completions.create(
+        model=done.fine_tuned_model, max_tokens=8, temperature=0,
+        messages=OPENAI_EXAMPLE["input"]["messages"])
+
+    assert list(loaded.peft_config) == ["default"]
+    assert probe["token_ids"], "the probe was recorded at the end of training"
+    assert answer.model == done.fine_tuned_model and answer.usage.completion_tokens >= 1
+    if serving.backend == "vllm":  # loaded there for this request, its probe checked
+        assert serving.engine_stats()["parity_checks"] == checks + 1
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]

@@ -25,6 +25,7 @@ from tests.resilience.conftest import (
     wait_until,
 )
 from tests.support import Stack, create_job, list_all_events, upload_dialogsum, wait_for_status
+from tests.support.preference import upload_preference
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +49,12 @@ def client(stack: Stack) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def file_id(client: openai.OpenAI) -> str:
     return upload_dialogsum(client, 48).id
+
+
+@pytest.fixture(scope="module")
+def pairs_id(client: openai.OpenAI) -> str:
+    """The same dialogues as preference pairs, for DPO jobs."""
+    return upload_preference(client, 48).id
 
 
 def heartbeat_at(stack: Stack, job_id: str) -> float:
@@ -81,14 +88,18 @@ def after_two_heartbeats(stack: Stack, job_id: str, since: float) -> None:
     wait_until(lambda: heartbeat_at(stack, job_id) > first, what="another heartbeat")
 
 
+@pytest.mark.parametrize("method", ["supervised", "dpo"])
 def test_pause_then_resume_gives_the_adapter_of_an_uninterrupted_twin(
-        stack: Stack, client: openai.OpenAI, file_id: str, tiny_model: Path,
-        gate: Path) -> None:
-    twin = create_job(client, str(tiny_model), file_id, **JOB)
+        stack: Stack, client: openai.OpenAI, file_id: str, pairs_id: str, tiny_model: Path,
+        gate: Path, method: str) -> None:
+    data, options = file_id, dict(JOB)
+    if method == "dpo":
+        data, options["method"] = pairs_id, {"type": "dpo"}
+    twin = create_job(client, str(tiny_model), data, **options)
     twin = wait_for_status(client, twin.id, "succeeded", timeout=300)
 
     with holding(gate, 4) as waiting:
-        job = create_job(client, str(tiny_model), file_id, **JOB)
+        job = create_job(client, str(tiny_model), data, **options)
         held(waiting, job.id)
         requested = client.fine_tuning.jobs.pause(job.id)
         after_two_heartbeats(stack, job.id, time.time())

@@ -35,6 +35,7 @@ from tests.resilience.conftest import (
     wait_until,
 )
 from tests.support import Stack, create_job, list_all_events, upload_dialogsum, wait_for_status
+from tests.support.preference import upload_preference
 from tests.support.stack import steps_logged_by
 
 pytestmark = pytest.mark.e2e
@@ -57,6 +58,12 @@ def file_id(client: openai.OpenAI) -> str:
     return upload_dialogsum(client, 48).id
 
 
+@pytest.fixture(scope="module")
+def pairs_id(client: openai.OpenAI) -> str:
+    """The same dialogues as preference pairs, for DPO jobs."""
+    return upload_preference(client, 48).id
+
+
 @pytest.fixture(autouse=True)
 def two_workers(stack: Stack) -> list[int]:
     """Every test starts with two live workers: those an earlier test killed were replaced
@@ -72,17 +79,20 @@ def wait_mid_training(stack: Stack, job_id: str, checkpoint: int = 4) -> int:
     return progress_step(stack, job_id)
 
 
-# Batches of 4 examples; token-budget batches (9 per epoch here: the run crosses an epoch).
-@pytest.mark.parametrize("options", [{}, {"max_tokens_per_batch": 2048}],
-                         ids=["fixed-batches", "token-budget"])
+# Batches of 4 examples; token-budget batches (9 per epoch here: the run crosses an epoch); a
+# DPO job (TRL's trainer, the same checkpoint save and resume).
+@pytest.mark.parametrize("options", [{}, {"max_tokens_per_batch": 2048},
+                                     {"method": {"type": "dpo"}}],
+                         ids=["fixed-batches", "token-budget", "dpo"])
 def test_sigkill_mid_training_resumes_exactly(stack: Stack, client: openai.OpenAI,
-                                              file_id: str, tiny_model: Path,
+                                              file_id: str, pairs_id: str, tiny_model: Path,
                                               options: dict[str, Any]) -> None:
     """The same job twice (same data, seed, dropout 0.1): one runs through, the other's worker
     is SIGKILLed after its first checkpoint. Resumed on another worker, it logs the same loss at
     every step after the resume and saves the same adapter."""
-    reference = create_job(client, str(tiny_model), file_id, **JOB, **options)
-    victim = create_job(client, str(tiny_model), file_id, **JOB, **options)
+    data = pairs_id if "method" in options else file_id
+    reference = create_job(client, str(tiny_model), data, **JOB, **options)
+    victim = create_job(client, str(tiny_model), data, **JOB, **options)
 
     killed_at = wait_mid_training(stack, victim.id)
     kill_owner(stack, victim.id, signal.SIGKILL)
@@ -94,6 +104,7 @@ def test_sigkill_mid_training_resumes_exactly(stack: Stack, client: openai.OpenA
     diff = max_abs_diff(adapter_tensors(resumed.adapter_path), adapter_tensors(ref.adapter_path))
 
     assert killed_at < JOB["max_steps"], "killed in the middle of training"
+    assert resumed.method.type == options.get("method", {}).get("type", "supervised")
     assert resumed.model_extra["max_tokens_per_batch"] == options.get("max_tokens_per_batch")
     assert (resumed.attempt, ref.attempt) == (2, 1)
     assert resumed.resumed_from_step in (4, 8)

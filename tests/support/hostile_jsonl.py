@@ -83,7 +83,14 @@ tools = st.lists(
     max_size=3,
 ) | json_values
 column_values = {"messages": messages, "tools": tools,
-                 "parallel_tool_calls": st.booleans() | json_values}
+                 "parallel_tool_calls": st.booleans() | json_values,
+                 # A preference pair's columns: an input conversation, one-message outputs.
+                 "input": st.fixed_dictionaries(
+                     {"messages": messages},
+                     optional={"tools": tools,
+                               "parallel_tool_calls": st.booleans() | json_values})
+                 | json_values,
+                 "preferred_output": messages, "non_preferred_output": messages}
 shaped_records = st.sampled_from(sorted(SHAPES)).flatmap(
     lambda shape: st.fixed_dictionaries(
         {col: column_values.get(col, text | json_values) for col in SHAPES[shape][0]},
@@ -100,6 +107,10 @@ good_records = st.one_of(
                           optional={"context": words}),
     st.builds(lambda u, a: {"messages": [{"role": "user", "content": u},
                                          {"role": "assistant", "content": a}]}, words, words),
+    st.builds(lambda u, a, b: {"input": {"messages": [{"role": "user", "content": u}]},
+                               "preferred_output": [{"role": "assistant", "content": a}],
+                               "non_preferred_output": [{"role": "assistant", "content": b}]},
+              words, words, words),
 )
 TOOL_SPECS = [{"type": "function", "function": {
     "name": name, "description": f"{name} tool",

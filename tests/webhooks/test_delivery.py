@@ -199,3 +199,22 @@ def test_an_api_restart_between_the_end_and_the_delivery_loses_nothing(
     [d] = deliveries(stack, endpoint.id)
     assert (d["status"], d["last_status_code"]) == ("delivered", 200) and d["attempts"] >= 2
     assert len(later.accepted("/late")) == 1
+
+
+def test_a_dpo_job_sends_the_same_events(client: openai.OpenAI, tiny_model: Path,
+                                         receiver: Receiver) -> None:
+    """Webhooks know no method: a DPO job's checkpoints and end arrive as a supervised job's."""
+    from tests.support.preference import upload_preference
+
+    hook = client.webhooks.create(url=receiver.url("/dpo"), name="dpo",
+                                  event_types=[SUCCEEDED, CHECKPOINT])
+    job = create_job(client, str(tiny_model), upload_preference(client, 8).id,
+                     method={"type": "dpo"}, max_steps=4, save_steps=2, max_length=1024)
+    wait_for_status(client, job.id, "succeeded", timeout=300)
+
+    wait_until(lambda: len(receiver.accepted("/dpo")) == 3, what="two checkpoints and the end")
+    events = verified(list(receiver.accepted("/dpo").values()), hook.signing_secret)
+    assert sorted((e.type, getattr(e.data, "step_number", None)) for e in events) == [
+        (CHECKPOINT, 2), (CHECKPOINT, 4), (SUCCEEDED, None)]
+    assert all(e.data.id == job.id for e in events)
+    client.webhooks.delete(hook.id)

@@ -169,7 +169,7 @@ def test_the_trainer_sees_one_device_when_several_are_visible(
     from accelerate.state import AcceleratorState
     from transformers.training_args import ParallelMode
 
-    from worker.training.trainer import training_arguments
+    from worker.training.supervised import training_arguments
 
     try:
         args = training_arguments(spec(), tmp_path, "cuda:0", has_eval=False)

@@ -165,7 +165,7 @@ def test_a_job_trains_packed_by_default_and_counts_every_token(
     attention to per-sample, turns the KV cache off, and counts each real token once."""
     from shared.schemas import JobCreate
     from worker.preprocess import prepare
-    from worker.training import trainer
+    from worker.training import supervised, trainer
 
     settings_env()
     defaults = JobCreate(model="org/m", training_file="file-x")
@@ -175,7 +175,7 @@ def test_a_job_trains_packed_by_default_and_counts_every_token(
     job = spec(model=str(tiny_model), max_steps=2, batch_size=4, packing=defaults.packing)
     data = prepare(job, tiny_tokenizer, path, hashlib.sha256(path.read_bytes()).hexdigest())
     seen: dict[str, Any] = {}
-    real_load = trainer.load_model
+    real_load = supervised.load_model
 
     def spy(spec_: TrainingSpec, device: str) -> Any:
         model, trainable, total = real_load(spec_, device)
@@ -183,7 +183,7 @@ def test_a_job_trains_packed_by_default_and_counts_every_token(
         seen["use_cache"] = model.config.use_cache
         return model, trainable, total
 
-    monkeypatch.setattr(trainer, "load_model", spy)
+    monkeypatch.setattr(supervised, "load_model", spy)
     result = trainer.train_adapter(job, tiny_tokenizer, data, tmp_path / "ckpt",
                                    tmp_path / "adapter", device="cpu")
 

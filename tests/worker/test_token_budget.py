@@ -73,12 +73,12 @@ def test_the_trainer_resumes_mid_epoch_on_the_same_batches(tmp_path: Path) -> No
     from accelerate import skip_first_batches
     from transformers import TrainingArguments
 
-    from worker.training.trainer import AtomicTrainer
+    from worker.training.supervised import SupervisedTrainer
 
     data = [{"i": i} for i in range(len(LENGTHS))]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    trainer = AtomicTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=data,
-                            data_collator=lambda rows: [r["i"] for r in rows])
+    trainer = SupervisedTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=data,
+                                data_collator=lambda rows: [r["i"] for r in rows])
     sampler = TokenBudgetBatchSampler(LENGTHS, 400, seed=7)
     trainer.batch_sampler = sampler
     loader = trainer.get_train_dataloader()

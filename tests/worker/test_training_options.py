@@ -22,7 +22,7 @@ from tests.support.jobs import (  # noqa: E402
 )
 from tests.worker.test_packing import spec  # noqa: E402
 from worker.preprocess import prepare  # noqa: E402
-from worker.training import trainer  # noqa: E402
+from worker.training import supervised, trainer  # noqa: E402
 from worker.training.model import fuse_tanh_gelu, load_model  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     histories = {}
     enabled = {}
-    real_load = trainer.load_model
+    real_load = supervised.load_model
     for checkpointing in (False, True):
         job = spec(model=str(tiny_model), max_steps=2, batch_size=4,
                    gradient_checkpointing=checkpointing)
@@ -54,7 +54,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(
             enabled[flag] = loaded[0]
             return loaded
 
-        monkeypatch.setattr(trainer, "load_model", spy)
+        monkeypatch.setattr(supervised, "load_model", spy)
         result = trainer.train_adapter(job, tiny_tokenizer, data,
                                        tmp_path / f"ckpt-{checkpointing}",
                                        tmp_path / f"adapter-{checkpointing}", device="cpu")

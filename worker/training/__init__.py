@@ -2,8 +2,15 @@
 
 - :mod:`~worker.training.model`: the base model on its device and dtype, 4-bit or not, with a
   fresh LoRA adapter on the projections of its architecture.
-- :mod:`~worker.training.trainer`: the training run itself (:func:`train_adapter`), the job's
-  spec as ``TrainingArguments``, and a Trainer whose checkpoints only ever exist complete.
+- :mod:`~worker.training.trainer`: the training run itself (:func:`train_adapter`), the same
+  for every method, and the method of a job (:func:`method_for`).
+- :mod:`~worker.training.method`: what a training method provides (its data, its Trainer) and
+  the arguments every method's Trainer shares.
+- :mod:`~worker.training.supervised`: supervised fine-tuning (transformers' Trainer).
+- :mod:`~worker.training.dpo`: preference tuning (TRL's ``DPOTrainer``), on the pairs
+  :mod:`~worker.training.preference_data` tokenizes.
+- :mod:`~worker.training.saving`: the checkpoint save of every method's Trainer: checkpoints
+  only ever exist complete, and a worker that lost its lease never moves one into place.
 - :mod:`~worker.training.callbacks`: the Trainer's events turned into :class:`Hooks` calls.
 - :mod:`~worker.training.hooks`: what the caller learns (typed events) and how it stops training.
 - :mod:`~worker.training.adapter_io`: the trained adapter and its metadata on disk.
@@ -29,9 +36,10 @@ from worker.training.hooks import (
     StopTraining,
     TrainMetrics,
     ValidationMetrics,
+    metrics_data,
 )
-from worker.training.trainer import Result, train_adapter
+from worker.training.trainer import Result, method_for, train_adapter
 
 __all__ = ["CheckpointInfo", "EarlyStop", "FullValidationMetrics", "Hooks", "Metrics",
            "Progress", "Result", "StartInfo", "StopTraining", "TrainMetrics",
-           "ValidationMetrics", "train_adapter"]
+           "ValidationMetrics", "method_for", "metrics_data", "train_adapter"]

@@ -30,7 +30,9 @@ def save_adapter(model: PeftModel, spec: TrainingSpec, dest: Path, extra: dict[s
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".adapter-"))
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # The job's adapter only: a DPO job that continues an adapter also holds its frozen copy.
+    model.save_pretrained(str(tmp), safe_serialization=True,
+                          selected_adapters=[model.active_adapter])
     meta = {"base_model": spec.model, "prompt_format": spec.prompt_format.model_dump(mode="json"),
             "max_length": spec.max_length, **extra}
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))

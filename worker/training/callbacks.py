@@ -29,10 +29,15 @@ class JobCallback(TrainerCallback):
     With ``early_stopping``, it also stops once the validation loss stops improving."""
 
     def __init__(self, hooks: Hooks, spec: TrainingSpec, start_step: int,
-                 early_stopping: EarlyStopping | None = None):
+                 early_stopping: EarlyStopping | None = None,
+                 metric_names: tuple[str, ...] = ()):
         self.hooks = hooks
         self.spec = spec
         self.early_stopping = early_stopping
+        # The method's own metrics (TrainingMethod.metric_names), passed on beside the loss.
+        self.metric_names = metric_names
+        self.train_extra: dict[str, float] = {}
+        self.valid_extra: dict[str, float] = {}
         self.stop_reason: str | None = None
         self.t0 = time.monotonic()
         self.start_step = start_step
@@ -68,6 +73,7 @@ class JobCallback(TrainerCallback):
         if "loss" in logs:
             self.loss_history.append((step, float(logs["loss"])))
             self.train_accuracy = logs.get("mean_token_accuracy")
+            self.train_extra = {n: float(logs[n]) for n in self.metric_names if n in logs}
         if self.tokens0 is None:
             # Throughput is measured from the first logged step on: it leaves out model
             # loading, the first (slow) step and, when resuming, the earlier attempts' tokens.
@@ -94,7 +100,8 @@ class JobCallback(TrainerCallback):
             self.hooks.on_metrics(TrainMetrics(
                 step=step, train_loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                 epoch=progress.epoch,
-                train_mean_token_accuracy=logs.get("mean_token_accuracy")))
+                train_mean_token_accuracy=logs.get("mean_token_accuracy"),
+                extra=self.train_extra))
             self.hooks.on_progress(progress)
             self.last_progress = now
         elif now - self.last_progress > PROGRESS_INTERVAL:
@@ -108,8 +115,11 @@ class JobCallback(TrainerCallback):
         self.valid_loss = float(metrics["eval_loss"])
         self.valid_accuracy = metrics.get("eval_mean_token_accuracy")
         self.valid_step = step
+        self.valid_extra = {f"valid_{n}": float(metrics[f"eval_{n}"]) for n in self.metric_names
+                            if f"eval_{n}" in metrics}
         self.hooks.on_metrics(ValidationMetrics(step=step, valid_loss=self.valid_loss,
-                                                valid_mean_token_accuracy=self.valid_accuracy))
+                                                valid_mean_token_accuracy=self.valid_accuracy,
+                                                extra=self.valid_extra))
         if self.early_stopping is not None and self.early_stopping.observe(step,
                                                                            self.valid_loss):
             # The checkpoint of this step is still written (evaluations fall on save steps).
@@ -134,4 +144,4 @@ class JobCallback(TrainerCallback):
             valid_mean_token_accuracy=self.valid_accuracy,
             full_valid_loss=self.valid_loss if full else None,
             full_valid_mean_token_accuracy=self.valid_accuracy if full else None,
-            best_path=best))
+            best_path=best, extra={**self.train_extra, **self.valid_extra}))

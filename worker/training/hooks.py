@@ -3,7 +3,7 @@ how it stops it: the :class:`Hooks` it passes and the typed events those hooks r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class TrainMetrics:
     learning_rate: float | None
     epoch: float
     train_mean_token_accuracy: float | None = None
+    # What the method logs beyond the loss, by its Trainer's names (DPO: ``rewards/margins``…).
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class ValidationMetrics:
     step: int
     valid_loss: float
     valid_mean_token_accuracy: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # ``valid_<name>`` (DPO's rewards…)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class FullValidationMetrics:
     step: int
     full_valid_loss: float
     full_valid_mean_token_accuracy: float | None
+    extra: dict[str, float] = field(default_factory=dict)  # ``full_valid_<name>``
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class CheckpointInfo:
     full_valid_mean_token_accuracy: float | None = None
     # The best evaluated checkpoint so far when early stopping is on: retention must keep it.
     best_path: Path | None = None
+    # The method's own metrics last logged (training's by name, the evaluation's valid_<name>).
+    extra: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics stored with the checkpoint, by OpenAI's names: ``step`` and
@@ -107,10 +113,17 @@ class CheckpointInfo:
             value = getattr(self, name)
             if value is not None:
                 metrics[name] = value
-        return metrics
+        return {**metrics, **self.extra}
 
 
 Metrics = TrainMetrics | ValidationMetrics | FullValidationMetrics
+
+
+def metrics_data(metrics: Metrics) -> dict[str, Any]:
+    """``metrics`` as one flat record (a metrics event's ``data``): its fields, then the
+    method's own metrics beside them."""
+    data = asdict(metrics)
+    return {**data, **data.pop("extra")}
 
 
 class Hooks:

@@ -124,13 +124,12 @@ def unfuse_tanh_gelu(model: torch.nn.Module) -> None:
                 setattr(parent, name, NewGELUActivation())
 
 
-def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
-    """Base model + fresh LoRA adapter (or, for a continued job, the adapter it continues
-    from); returns ``(model, trainable, total)`` parameters.
+def load_base(spec: TrainingSpec, device: str) -> Any:
+    """The job's base model on ``device``, in its training dtype (4-bit for QLoRA), without an
+    adapter.
 
     Raises:
-        ModelLoadError: the model does not load, ``quantization`` can't run here, or the
-            adapter to continue from is gone or does not fit the base model.
+        ModelLoadError: the model does not load, or ``quantization`` can't run here.
     """
     dtype = torch.float32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -155,8 +154,20 @@ def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=spec.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
+def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
+    """Base model + fresh LoRA adapter (or, for a continued job, the adapter it continues
+    from); returns ``(model, trainable, total)`` parameters.
+
+    Raises:
+        ModelLoadError: the model does not load, ``quantization`` can't run here, or the
+            adapter to continue from is gone or does not fit the base model.
+    """
+    base = load_base(spec, device)
     if spec.initial_adapter is not None:
-        model = _continued_adapter(base, spec)
+        model = continued_adapter(base, spec)
     else:
         model = _fresh_adapter(base, spec)
     trainable, total = model.get_nb_trainable_parameters()
@@ -166,10 +177,12 @@ def load_model(spec: TrainingSpec, device: str) -> tuple[PeftModel, int, int]:
     return model, trainable, total
 
 
-def _fresh_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
+def lora_config(spec: TrainingSpec, base: Any) -> LoraConfig:
+    """The job's LoRA adapter: its shape, on ``lora.target_modules`` or the projections of the
+    base model's architecture."""
     targets: list[str] | str = (spec.lora.target_modules
                                 or TARGET_MODULES.get(base.config.model_type) or "all-linear")
-    config = LoraConfig(
+    return LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # annotated int; any number scales
         lora_dropout=spec.lora.dropout,
@@ -177,13 +190,17 @@ def _fresh_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def _fresh_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
+    config = lora_config(spec, base)
     try:
         return get_peft_model(base, config)
     except ValueError as e:
         raise ModelLoadError(f"LoRA: {e}", param="lora.target_modules") from e
 
 
-def _continued_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
+def continued_adapter(base: Any, spec: TrainingSpec) -> PeftModel:
     """The adapter of ``spec.initial_adapter`` on ``base``, trainable, with the spec's dropout
     (its shape was checked against the request when the job was created).
 

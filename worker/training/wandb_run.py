@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.schemas import WandbIntegration
-from worker.training.hooks import CheckpointInfo, EarlyStop, Hooks, Metrics, StartInfo
+from worker.training.hooks import (
+    CheckpointInfo,
+    EarlyStop,
+    Hooks,
+    Metrics,
+    StartInfo,
+    metrics_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class WandbRun(Hooks):
                                                      allow_val_change=True))
 
     def on_metrics(self, metrics: Metrics) -> None:
-        values = {k: v for k, v in asdict(metrics).items() if k != "step" and v is not None}
+        values = {k: v for k, v in metrics_data(metrics).items() if k != "step" and v is not None}
         self._guarded("logging metrics", lambda: self.run.log(values, step=metrics.step))
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:

@@ -1,6 +1,7 @@
 // The loss chart: training loss per logged step and validation loss per evaluation, drawn as
 // SVG (no charting library to ship). Each series' path carries data-points, the number of
-// points drawn, which the browser tests read.
+// points drawn, which the browser tests read. The same chart plots other per-step metrics (a
+// DPO job's reward margins and accuracies) with another axis label.
 
 import { h, svg, replace } from "./dom.js";
 import { num } from "./format.js";
@@ -50,9 +51,10 @@ function extent(values) {
 }
 
 /**
- * A chart in `container`. `draw({series, log, xMax})` redraws it: series are
+ * A chart in `container`. `draw({series, log, xMax, yLabel})` redraws it: series are
  * {key, label, points: [[step, loss], ...], markers: bool}; `log` plots the loss on a log10
- * scale; `xMax` (the job's total steps) fixes the step axis so it does not move as points come.
+ * scale; `xMax` (the job's total steps) fixes the step axis so it does not move as points come;
+ * `yLabel` names what is plotted (default "loss").
  */
 export function lossChart(container) {
   let last = null;
@@ -70,6 +72,7 @@ export function lossChart(container) {
   function draw(state) {
     last = state;
     const { series, log, xMax } = state;
+    const yLabel = state.yLabel || "loss";
     drawnWidth = container.clientWidth;
     const width = Math.max(280, drawnWidth || 640);
     const plotW = width - MARGIN.left - MARGIN.right;
@@ -81,11 +84,11 @@ export function lossChart(container) {
     const all = usable.flatMap((s) => s.points);
     const root = svg("svg", {
       viewBox: `0 0 ${width} ${HEIGHT}`, width, height: HEIGHT, role: "img",
-      "aria-label": summary(usable, log),
+      "aria-label": summary(usable, log, yLabel),
     });
     if (all.length === 0) {
       root.append(svg("text", { x: width / 2, y: HEIGHT / 2, "text-anchor": "middle",
-        class: "chart-empty" }, "No loss logged yet"));
+        class: "chart-empty" }, `No ${yLabel} logged yet`));
       replace(container, root);
       return;
     }
@@ -128,7 +131,7 @@ export function lossChart(container) {
         class: "chart-axis-label" }, "step"),
       svg("text", { x: 12, y: MARGIN.top + plotH / 2, "text-anchor": "middle",
         transform: `rotate(-90 12 ${MARGIN.top + plotH / 2})`, class: "chart-axis-label" },
-      log ? "loss (log scale)" : "loss"),
+      log ? `${yLabel} (log scale)` : yLabel),
     );
     root.append(grid);
 
@@ -158,13 +161,14 @@ export function lossChart(container) {
   };
 }
 
-function summary(series, log) {
+function summary(series, log, yLabel) {
   const parts = series.map((s) => {
     if (s.points.length === 0) return `${s.label}: no points`;
     const [step, loss] = s.points[s.points.length - 1];
     return `${s.label}: ${s.points.length} points, ${num(loss)} at step ${step}`;
   });
-  return `Loss curves${log ? " (log scale)" : ""}. ${parts.join("; ")}.`;
+  const what = yLabel.charAt(0).toUpperCase() + yLabel.slice(1);
+  return `${what} curves${log ? " (log scale)" : ""}. ${parts.join("; ")}.`;
 }
 
 /** The legend: one entry per series, with its latest value. */

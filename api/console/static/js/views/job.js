@@ -42,6 +42,45 @@ export function lossSeries(events) {
   return series;
 }
 
+/** A DPO job's reward curves from its events (oldest first): the mean reward margin of the
+ * preferred over the non-preferred answers and the share of pairs where it is positive, for
+ * each logged step and each evaluation. */
+export function preferenceSeries(events) {
+  const series = {
+    margins: [["train", "Reward margin", "rewards/margins"],
+      ["valid", "Validation reward margin", "valid_rewards/margins"]],
+    accuracy: [["train", "Reward accuracy", "rewards/accuracies"],
+      ["valid", "Validation reward accuracy", "valid_rewards/accuracies"]],
+  };
+  const out = {};
+  for (const [chart, lines] of Object.entries(series)) {
+    out[chart] = lines.map(([key, label, name]) => {
+      const points = new Map();
+      for (const e of events) {
+        const d = e.type === "metrics" ? e.data : null;
+        // A step's own metrics carry its epoch (or are an evaluation's): not a checkpoint's.
+        if (!d || !Number.isFinite(d.step) || typeof d[name] !== "number") continue;
+        if (key === "train" && !("epoch" in d)) continue;
+        points.set(d.step, d[name]);
+      }
+      return { key, label, points: [...points.entries()].sort((a, b) => a[0] - b[0]),
+        markers: key === "valid" };
+    });
+  }
+  return out;
+}
+
+function methodText(job) {
+  const m = job.method || {};
+  if (m.type !== "dpo") return "supervised";
+  const hp = (m.dpo && m.dpo.hyperparameters) || {};
+  const parts = [`DPO, beta ${num(hp.beta)}, ${job.loss_type || "sigmoid"} loss`];
+  if (job.rpo_alpha) parts.push(`RPO term × ${num(job.rpo_alpha)}`);
+  parts.push(job.initial_model ? "reference: the model it continues"
+    : "reference: the base model");
+  return parts.join(", ");
+}
+
 function dl(rows) {
   return h("dl", { class: "facts" }, rows.filter(Boolean).map(([k, v]) => [
     h("dt", {}, k), h("dd", {}, v === null || v === undefined || v === "" ? "—" : v)]));
@@ -64,6 +103,7 @@ function settings(job) {
   return dl([
     ["Base model", job.model],
     ["Fine-tuned model", job.fine_tuned_model || "named when the job succeeds"],
+    ["Method", methodText(job)],
     ["Training file", job.training_file],
     ["Validation file", job.validation_file || "none"],
     ["LoRA", `r ${lora.r}, alpha ${num(lora.alpha)}, dropout ${num(lora.dropout)}`],
@@ -74,7 +114,8 @@ function settings(job) {
       ` accumulation, learning rate ${num(job.learning_rate)}`],
     ["Max length", `${job.max_length} tokens`],
     ["Training", [job.packing ? "packed batches" : "padded batches",
-      job.train_on_inputs ? "loss on every token" : "loss on the response only",
+      job.method && job.method.type === "dpo" ? "preference pairs"
+        : job.train_on_inputs ? "loss on every token" : "loss on the response only",
       job.gradient_checkpointing ? "gradient checkpointing" : null,
       job.quantization ? `${job.quantization} base model` : null].filter(Boolean).join(", ")],
     job.early_stopping_patience ? ["Early stopping", `after ${job.early_stopping_patience} ` +
@@ -143,6 +184,19 @@ export function jobView(root, jobId) {
   const eventList = h("ol", { class: "events", reversed: true });
   const eventsMore = h("button", { type: "button", class: "secondary", hidden: true });
   const chart = lossChart(chartBox);
+  // DPO jobs: the reward margin and accuracy, each on a chart of its own (shown once known).
+  const marginBox = h("div", { class: "chart", id: "margin-chart" });
+  const accuracyBox = h("div", { class: "chart", id: "accuracy-chart" });
+  const marginLegend = h("div");
+  const accuracyLegend = h("div");
+  const rewards = h("section", { "aria-labelledby": "rewards-title", hidden: true },
+    h("h2", { id: "rewards-title" }, "Preference rewards"),
+    h("p", { class: "muted" }, "The policy's log-ratio over its reference model, preferred " +
+      "answer minus non-preferred, times beta (the margin), and the share of pairs where it " +
+      "is positive (the accuracy)."),
+    marginBox, marginLegend, accuracyBox, accuracyLegend);
+  const marginChart = lossChart(marginBox);
+  const accuracyChart = lossChart(accuracyBox);
 
   replace(root,
     h("div", { class: "page-head" }, h("div", {}, h("p", { class: "crumbs" },
@@ -152,6 +206,7 @@ export function jobView(root, jobId) {
       h("div", { class: "section-head" }, h("h2", { id: "loss-title" }, "Loss"),
         h("span", { class: "check" }, logToggle, h("label", { for: "log-scale" }, "Log scale"))),
       chartBox, chartLegend),
+    rewards,
     evalBox,
     h("section", { "aria-labelledby": "settings-title" },
       h("h2", { id: "settings-title" }, "Settings"), settingsBox),
@@ -167,8 +222,17 @@ export function jobView(root, jobId) {
   function drawChart() {
     const ordered = [...events.values()].sort((a, b) => seqOf(a) - seqOf(b));
     const series = lossSeries(ordered);
-    chart.draw({ series, log: logScale, xMax: job && job.progress && job.progress.total_steps });
+    const xMax = job && job.progress && job.progress.total_steps;
+    chart.draw({ series, log: logScale, xMax });
     replace(chartLegend, legend(series));
+    rewards.hidden = !(job && job.method && job.method.type === "dpo");
+    if (!rewards.hidden) {
+      const pref = preferenceSeries(ordered);
+      marginChart.draw({ series: pref.margins, xMax, yLabel: "reward margin" });
+      replace(marginLegend, legend(pref.margins));
+      accuracyChart.draw({ series: pref.accuracy, xMax, yLabel: "reward accuracy" });
+      replace(accuracyLegend, legend(pref.accuracy));
+    }
   }
 
   function renderEvents() {
@@ -335,5 +399,7 @@ export function jobView(root, jobId) {
   return () => {
     poller.stop();
     chart.destroy();
+    marginChart.destroy();
+    accuracyChart.destroy();
   };
 }
