@@ -14,7 +14,8 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import storage
+from shared import deletions, storage
+from shared.deletions import Deletion
 from shared.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge
 from shared.files import get_file
 from shared.ids import new_id, now
@@ -218,9 +219,10 @@ def list_files(
     return rows[:limit], len(rows) > limit
 
 
-def delete_file(session: Session, file_id: str, project: str = "default") -> None:
-    """Delete a file (and the tokenized data sets built from it) unless an unfinished job
-    still needs it (409)."""
+def delete_file(session: Session, file_id: str, project: str = "default") -> list[Deletion]:
+    """Delete a file unless an unfinished job still needs it (409). Its content (and, with the
+    last file of that content, the data sets tokenized from it) is scheduled for deletion in
+    the caller's transaction: returns what to purge once it commits."""
     row = get_file(session, file_id, project)
     busy = session.scalar(
         select(Job.id).where(
@@ -232,8 +234,8 @@ def delete_file(session: Session, file_id: str, project: str = "default") -> Non
         raise Conflict(f"file {file_id} is used by unfinished job {busy}", param="file_id")
     session.delete(row)
     session.flush()
-    store = storage.get_store()
-    store.delete([row.path])
-    if session.scalar(select(File.id).where(File.sha256 == row.sha256).limit(1)) is None:
-        # The last file of this content: the data sets tokenized from it go too.
-        store.delete_prefix(storage.dataset_cache_prefix(row.sha256))
+    last = session.scalar(select(File.id).where(File.sha256 == row.sha256).limit(1)) is None
+    # With the last file of this content, the data sets tokenized from it go too.
+    return deletions.schedule(
+        session, objects=[row.path],
+        folders=[storage.dataset_cache_prefix(row.sha256)] if last else [])

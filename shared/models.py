@@ -186,3 +186,17 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_endpoint_event", "endpoint_id", "event_id", unique=True),
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     )
+
+
+class StorageDeletion(Base):
+    """The outbox of :mod:`shared.deletions`: objects the database has let go of (a deleted
+    model's adapter, a deleted file), written in the transaction of the deletion and removed
+    once storage has deleted them."""
+
+    __tablename__ = "storage_deletions"
+
+    seq: Mapped[int] = mapped_column(SeqKey, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(Text)
+    # A committed folder (its manifest goes first, then everything under it), else one object.
+    folder: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import billiard.pool
@@ -24,7 +25,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from shared import outbox
+from shared import deletions, outbox
 from shared.dependencies import log_failure
 from shared.queue import RUN_JOB_TASK, get_celery
 from shared.settings import get_settings
@@ -123,22 +124,37 @@ def _kill_stragglers(children: list[psutil.Process], grace: float) -> None:
                 child.kill()
 
 
-class Sweeper(threading.Thread):
-    """Periodically re-queues jobs whose lease expired and re-sends forgotten queued jobs."""
+class Periodic(threading.Thread):
+    """Runs ``task`` every ``interval`` s; a round that fails is logged as ``failed`` and the
+    next round tries again."""
 
-    def __init__(self, interval: float):
-        super().__init__(name="lorafleet-sweeper", daemon=True)
+    def __init__(self, name: str, interval: float, task: Callable[[], None], failed: str):
+        super().__init__(name=name, daemon=True)
         self.interval = interval
+        self.task = task
+        self.failed = failed
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.wait(self.interval):
             try:
-                moved = sweep()
-                if moved:
-                    log.info("sweeper re-sent %s", ", ".join(moved))
+                self.task()
             except Exception as e:  # database or broker briefly away: try again next round
-                log_failure(log, "sweep failed", e)
+                log_failure(log, self.failed, e)
+
+
+def _sweep() -> None:
+    """Re-queue jobs whose lease expired and re-send forgotten queued jobs."""
+    moved = sweep()
+    if moved:
+        log.info("sweeper re-sent %s", ", ".join(moved))
+
+
+def _purge() -> None:
+    """Delete from storage what deletions committed and the store did not take then."""
+    purged = deletions.purge_pending()
+    if purged:
+        log.info("purger deleted %d storage objects or folders", purged)
 
 
 @worker_ready.connect
@@ -150,6 +166,8 @@ def _start_sweeper(**_: Any) -> None:
         except OSError as e:
             log.error("cannot serve worker metrics on %s:%s: %s", settings.worker_metrics_host,
                       settings.worker_metrics_port, e)
-    Sweeper(settings.sweep_seconds).start()
+    Periodic("lorafleet-sweeper", settings.sweep_seconds, _sweep, "sweep failed").start()
+    # Storage deletions in a thread of their own: a store that hangs must not delay the sweep.
+    Periodic("lorafleet-purger", settings.sweep_seconds, _purge, "purge failed").start()
     # Webhooks in a thread of their own: a slow receiver must not delay the lease sweep.
     outbox.Dispatcher(settings.webhook_poll_seconds).start()

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from shared import storage
 from shared.db import session_scope
+from shared.errors import StorageUnavailable
 from shared.models import Checkpoint
 from shared.storage import COMPLETE_MARKER, NodeCache, ObjectMissing, Store
 from shared.storage.folders import DamagedFolder, Manifest, delete_folder
@@ -195,11 +196,23 @@ def apply_store_retention(store: Store, job_id: str, keep: int,
                           protect: Iterable[int | None] = ()) -> list[int]:
     """Delete from storage all but the newest ``keep`` recorded checkpoints of the job, never
     those of the steps in ``protect`` (the best one); returns the steps deleted, for the
-    caller to mark (folders go first: a listed checkpoint never lacks its files for long)."""
+    caller to mark (folders go first: a listed checkpoint never lacks its files for long).
+
+    Retention is housekeeping: a store that stops answering ends the pass early (logged),
+    and the steps not yet deleted stay recorded for the next pass (the next checkpoint's, or
+    the end of training's), rather than failing the attempt.
+    """
     rows = recorded(job_id)
     steps = sorted({r.step for r in rows})
     kept = set(steps[-keep:] if keep > 0 else []) | {p for p in protect if p is not None}
-    doomed = [r for r in rows if r.step not in kept]
-    for row in doomed:
-        delete_folder(store, row.key)
-    return sorted({r.step for r in doomed})
+    deleted: list[int] = []
+    try:
+        for step in sorted(set(steps) - kept):
+            for row in rows:
+                if row.step == step:
+                    delete_folder(store, row.key)
+            deleted.append(step)
+    except StorageUnavailable as e:
+        log.warning("job %s: retention stopped, storage is away (%s); the next pass deletes "
+                    "the older checkpoints", job_id, e)
+    return deleted

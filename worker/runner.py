@@ -30,7 +30,7 @@ from shared.settings import get_settings
 from shared.storage import folders
 from worker import checkpoints
 from worker import metrics as worker_metrics
-from worker.commits import SETUP_SECONDS, Committer, with_backoff
+from worker.commits import SETUP_SECONDS, CommitFailed, Committer, with_backoff
 from worker.evaluation import record_evaluation
 from worker.training import (
     CheckpointInfo,
@@ -412,9 +412,15 @@ def _attempt(claim: Claim, hooks: JobHooks) -> str:
     deleted = checkpoints.apply_store_retention(store, claim.job_id, settings.keep_checkpoints,
                                                 protect=[best])
     with_db_retry(lifecycle.mark_checkpoints_deleted, claim.job_id, deleted)
-    # What earlier attempts left unrecorded (a step saved again replaces its record).
-    checkpoints.clean_store(store, claim.job_id, claim.attempt,
-                            [r.key for r in checkpoints.recorded(claim.job_id)])
+    # What earlier attempts left unrecorded (a step saved again replaces its record). The job
+    # has succeeded: a store that stays away only leaves these folders behind.
+    try:
+        with_backoff(lambda: checkpoints.clean_store(
+            store, claim.job_id, claim.attempt,
+            [r.key for r in checkpoints.recorded(claim.job_id)]),
+            f"cleaning up after {claim.job_id}", budget=SETUP_SECONDS)
+    except CommitFailed as e:
+        log.warning("%s; left in storage", e)
     return "succeeded"
 
 

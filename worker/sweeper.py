@@ -43,7 +43,10 @@ def sweep() -> list[str]:
         reason = f"Worker {job.lease_owner} lost (no heartbeat for {settings.lease_seconds:.0f}s)"
         lifecycle.release_stale(job, reason + resume, step)  # the loop below sends it when due
     for job_id in unchecked:
-        check_job_files(job_id)  # a queued job is sent by the loop below
+        try:
+            check_job_files(job_id)  # a queued job is sent by the loop below
+        except Exception as e:  # noqa: BLE001 - storage away: the next pass checks it again
+            log_failure(log, f"could not check the files of {job_id}", e)
     requeued: list[str] = []
     with session_scope() as s:
         waiting = list(s.scalars(select(Job).where(

@@ -12,6 +12,7 @@ from api import files
 from api.deps import AsyncProjectDep, ProjectDep, SessionDep
 from api.presenters import file_public
 from api.uploads import REQUEST_BODY, receive_upload
+from shared import deletions
 from shared.schemas import FileDeleted, FilePublic, FilesPublic
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -52,7 +53,9 @@ def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> Stre
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileDeleted:
     """Delete a file (409 while an unfinished job uses it)."""
-    files.delete_file(session, file_id, project)
+    removal = files.delete_file(session, file_id, project)
+    session.commit()  # first: the content goes only once the file is gone
+    deletions.purge(removal)  # what the store does not take now, a worker deletes later
     return FileDeleted(id=file_id)
 
 

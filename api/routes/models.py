@@ -9,8 +9,7 @@ from api.deps import ProjectDep, SessionDep
 from api.model_cache import model_cache
 from api.served_models import ModelDeleted, ModelPublic, ModelsPublic
 from api.status_cache import status_cache
-from shared import storage
-from shared.storage.folders import delete_folder
+from shared import deletions
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -32,10 +31,10 @@ def delete_model(model: str, session: SessionDep, project: ProjectDep) -> ModelD
     """Delete a fine-tuned model (or a checkpoint's): its adapter's files go, its job keeps
     its history; the name is no longer listed or served."""
     doomed = served_models.delete_model(session, project, model)
+    removal = deletions.schedule(session, folders=doomed)
     session.commit()  # first: a failed commit must leave the model whole, files included
     model_cache.forget((project, model))
-    for folder in doomed:
-        delete_folder(storage.get_store(), folder)
+    deletions.purge(removal)  # what the store does not take now, a worker deletes later
     job_id = served_models.job_of(model)
     if job_id is not None:
         status_cache.forget(job_id)

@@ -202,12 +202,15 @@ def test_the_engine_serves_it_from_its_own_cache(nodes: tuple[Stack, str],
 # --------------------------------------------------------------------------- the store away
 def test_a_job_rides_out_the_store_stopped_for_ten_seconds(
         nodes: tuple[Stack, str], client: openai.OpenAI, store_server: SeaweedFS,
-        file_id: str, tiny_model: Path, gate: Path, resumed: dict[str, Any]) -> None:
+        file_id: str, tiny_model: Path, gate: Path, twin: Any, resumed: dict[str, Any]) -> None:
     """The store stops while the job commits checkpoint 8 (held until then), for 10 s. The
     commit retries with backoff and training goes on; the job succeeds on its first attempt.
-    Meanwhile job status answers, and what needs the store answers 503."""
+    Meanwhile job status answers, and what needs the store answers 503: inference of an
+    adapter the engine has never fetched (the twin's) included, the engine's 503 passed on."""
     stack = nodes[0]
     http = stack.http()
+    generate = {"model": twin.fine_tuned_model, "prompt": "#Person1#: Hi", "max_tokens": 2,
+                "temperature": 0}
     for waiting in gate.glob("waiting-*"):  # an earlier test's
         waiting.unlink()
     (gate / "hold-commit-8").touch()
@@ -227,12 +230,18 @@ def test_a_job_rides_out_the_store_stopped_for_ten_seconds(
         answers["upload"].append(upload.status_code)
         assert "Retry-After" in download.headers and "Retry-After" in upload.headers
         time.sleep(0.5)
+    served_away = http.post("/v1/completions", json=generate)
     store_server.start()
+    served_back = http.post("/v1/completions", json=generate)
     done = wait_for_status(client, job.id, "succeeded", timeout=300)
     worker_logs = "".join(p.log() for p in stack.workers)
 
     assert set(answers["status"]) == {200}
     assert set(answers["download"]) == set(answers["upload"]) == {503}
+    assert served_away.status_code == 503, served_away.text
+    assert served_away.json()["error"]["code"] == "storage_unavailable"
+    assert served_away.headers["Retry-After"].isdigit()
+    assert served_back.status_code == 200, served_back.text  # no restart needed
     assert f"committing checkpoint-8 of {job.id}" in worker_logs  # it retried
     assert done.attempt == 1
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]

@@ -96,9 +96,9 @@ def trained(client: openai.OpenAI, models: dict[str, Path]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_an_openai_chat_file_trains_and_is_served(serving: ServingStack, client: openai.OpenAI,
-                                                  trained: dict[str, Any],
-                                                  models: dict[str, Path], run: str) -> None:
+def test_an_openai_chat_file_trains_and_is_served(client: openai.OpenAI, trained: dict[str, Any],
+                                                  models: dict[str, Path], run: str,
+                                                  serving: ServingStack) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -107,7 +107,7 @@ def test_an_openai_chat_file_trains_and_is_served(serving: ServingStack, client:
     assert (upload.model_extra["record_format"], upload.model_extra["line_count"]) == ("chat", 8)
     assert job.model_extra["prompt_format"]["type"] == "chat"  # none was sent
     assert job.model_extra["dataset"]["examples"] == 8
-    adapter = serving.stack.local_folder(job.model_extra["adapter_path"])
+    adapter = serving.stack.local_folder(job.model_extra["adapter_path"])  # on S3 here
     meta = json.loads((adapter / "lorafleet.json").read_text())
     assert meta["tool_format"] == TOOL_FORMATS[model]  # as the probe found the template
     assert meta["prompt_format"]["type"] == "chat"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.backends import EMBEDDED
+from tests.support.seaweedfs import SeaweedFS
 from tests.support.servers import PrivateRedis
 from tests.support.stack import Stack
 
@@ -37,10 +38,13 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def start_stack(factory: Any, tiny_model: Path, *, workers: int = 2, backend: str = EMBEDDED,
-                env: dict[str, str] | None = None, **settings: Any) -> Stack:
+                env: dict[str, str] | None = None, storage: str | None = None,
+                s3: SeaweedFS | None = None, **settings: Any) -> Stack:
     """A stack from ``factory`` (``make_stack`` or ``make_module_stack``) with
-    :data:`FAST_LEASE` timings (overridden by ``settings``) that accepts the tiny model."""
+    :data:`FAST_LEASE` timings (overridden by ``settings``) that accepts the tiny model.
+    ``storage`` and ``s3``: as :class:`~tests.support.stack.Stack` takes them."""
     return factory(workers=workers, backend=backend, env={**WORKER_ENV, **(env or {})},
+                   storage=storage, s3=s3,
                    settings={**FAST_LEASE, "models_dir": str(tiny_model.parent), **settings})
 
 

