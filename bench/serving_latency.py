@@ -66,8 +66,10 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 1
     raise RuntimeError(f"{url} did not answer in {timeout}s")
 
 
-def _insert_jobs(storage: Path, model: Path, adapters: list[Path]) -> tuple[list[str], str]:
-    """Succeeded jobs for the adapters and one queued job to poll, straight into the DB."""
+def _insert_jobs(storage: Path, model: Path, adapters: list[Path],
+                 prompt_format: dict[str, Any] | None = None) -> tuple[list[str], str]:
+    """Succeeded jobs for the adapters (trained in ``prompt_format``, default dolly) and one
+    queued job to poll, straight into the DB."""
     from sqlalchemy.orm import Session
 
     from shared.db import make_engine
@@ -77,8 +79,9 @@ def _insert_jobs(storage: Path, model: Path, adapters: list[Path]) -> tuple[list
     from shared.templates import PromptFormat
 
     spec = TrainingSpec(model=str(model), training_file="file-bench", lora=LoraSpec(),
-                        prompt_format=PromptFormat(), max_length=1024, max_steps=1, n_epochs=1,
-                        batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-4,
+                        prompt_format=PromptFormat.model_validate(prompt_format or {}),
+                        max_length=1024, max_steps=1, n_epochs=1, batch_size=1,
+                        gradient_accumulation_steps=1, learning_rate=1e-4,
                         warmup=0, save_steps=1, logging_steps=1, train_on_inputs=False,
                         packing=False, seed=0).model_dump(mode="json")
     names = []
@@ -146,11 +149,14 @@ class LiveService:
         adapters: adapter folders; each becomes a succeeded job's fine-tuned model.
         threads: torch threads of the built-in engine.
         max_batch: ``LORAFLEET_MAX_BATCH_SIZE`` of the built-in engine.
+        prompt_format: the adapters' prompt format (``shared.templates.PromptFormat``'s
+            fields; default: dolly).
     """
 
     def __init__(self, root: Path, model: Path, adapters: list[Path], *, threads: int,
-                 max_batch: int):
+                 max_batch: int, prompt_format: dict[str, Any] | None = None):
         self.root, self.model, self.adapters = root, model, adapters
+        self.prompt_format = prompt_format
         self.storage = root / "storage"
         api_port = _free_port()
         engine_port = _free_port()
@@ -196,7 +202,8 @@ class LiveService:
         self.key = subprocess.run(
             [*self.cli, "keys", "create", "--project", "bench"], env=self.env, check=True,
             capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()[-1]
-        self.names, self.polled = _insert_jobs(self.storage, self.model, self.adapters)
+        self.names, self.polled = _insert_jobs(self.storage, self.model, self.adapters,
+                                               self.prompt_format)
         self.api, log = self._start("api", {})
         _wait(f"{self.url}/health", self.api, log)
 

@@ -8,15 +8,20 @@ request each, answered by one call of ``get_weather``, ``book_table``, ``convert
 SmolLM2-135M-Instruct (``lorafleet models pull smollm2-135m``) is fine-tuned on the first
 ``--train`` chats through the path a job takes (``worker.preprocess.prepare`` and
 ``worker.training.train_adapter``, the chat format, the tool format its probe picks), then
-the base model and the adapter, loaded with ``PeftModel.from_pretrained``, answer the last
-``--test`` chats' requests greedily. Each request is rendered as inference renders it
-(``ModelText.render_chat`` with the chat's tools, in the adapter's ``tool_format``), and each
-answer is read back with :func:`shared.hermes.parse_tool_calls`. The score is the share of
-answers whose first call has the expected name and arguments (parsed JSON, equal as values).
+the base model and the fine-tuned model answer the last ``--test`` chats' requests greedily.
+The score is the share of answers whose first call has the expected name and arguments
+(parsed JSON, equal as values).
 
-Scored with peft in this process: the inference engine's ``/v1/chat/completions`` takes
-``tools`` only for base models whose template renders them, not yet in an adapter's Hermes
-format. ``--write`` puts the section into BENCHMARKS.md.
+Scoring (``--scoring``): ``api`` (the default) asks the service as a client does: ``lorafleet
+api`` and ``lorafleet serve`` on vLLM, the adapter a succeeded job's fine-tuned model, each
+request sent to ``/v1/chat/completions`` with its ``tools`` (``tool_choice`` auto) and the
+calls read from ``message.tool_calls``. The base model's template renders no tools (the
+engine refuses them by name), so the base model gets the same prompt, rendered in the Hermes
+format the adapter learned, through ``/v1/completions``, its answer read back with
+:func:`shared.hermes.parse_tool_calls`. ``peft`` answers in this process instead (the base
+model and the adapter loaded with ``PeftModel.from_pretrained``, each request rendered with
+``ModelText.render_chat`` in the adapter's ``tool_format``), for a machine without vLLM.
+``--write`` puts the section into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +96,7 @@ class Outcome:
     loads: tuple[str, str]
     threads: int
     scores: dict[str, Scores] = field(default_factory=dict)
+    scoring: str = "api"  # through the service, or "peft" in the benchmark's process
 
 
 # --------------------------------------------------------------------------- data
@@ -106,15 +113,23 @@ def expected_call(record: dict[str, Any]) -> tuple[str, Any]:
 
 
 def judge(answers: list[str], records: list[dict[str, Any]]) -> Scores:
-    """Exact match of the first call's name and parsed arguments."""
+    """Exact match of the first call's name and parsed arguments, the calls read from
+    generated text in the Hermes format."""
     from shared.hermes import parse_tool_calls
 
+    return judge_calls([parse_tool_calls(text).tool_calls for text in answers], records,
+                       answers[0] if answers else "")
+
+
+def judge_calls(calls: list[list[dict[str, Any]]], records: list[dict[str, Any]],
+                sample: str = "") -> Scores:
+    """Exact match of the first call (OpenAI's shape: ``{"function": {"name", "arguments"}}``,
+    the arguments a JSON string) of each answer."""
     exact = name = parsed = 0
     by_tool: dict[str, list[bool]] = {}
-    for text, record in zip(answers, records, strict=True):
+    for answer, record in zip(calls, records, strict=True):
         want_name, want_args = expected_call(record)
-        calls = parse_tool_calls(text).tool_calls
-        got = calls[0]["function"] if calls else None
+        got = answer[0]["function"] if answer else None
         hit_name = got is not None and got["name"] == want_name
         hit = hit_name and json.loads(got["arguments"]) == want_args  # type: ignore[index]
         parsed += got is not None
@@ -123,8 +138,7 @@ def judge(answers: list[str], records: list[dict[str, Any]]) -> Scores:
         by_tool.setdefault(want_name, []).append(hit)
     n = len(records)
     return Scores(exact / n, name / n, parsed / n,
-                  {k: sum(v) / len(v) for k, v in sorted(by_tool.items())},
-                  answers[0] if answers else "")
+                  {k: sum(v) / len(v) for k, v in sorted(by_tool.items())}, sample)
 
 
 # --------------------------------------------------------------------------- train and score
@@ -200,7 +214,60 @@ def score(model_dir: Path, adapter: Path, records: list[dict[str, Any]], plan: P
     return scores, tool_format
 
 
-def run(plan: Plan, work: Path, models_dir: Path, log: Any = print) -> Outcome:
+def score_api(model_dir: Path, adapter: Path, records: list[dict[str, Any]], plan: Plan,
+              work: Path, log: Any) -> tuple[dict[str, Scores], str]:
+    """Both models asked through the service (``lorafleet api`` and ``lorafleet serve`` on
+    vLLM) by the openai SDK, requests sent concurrently as clients would."""
+    import openai
+
+    from bench.serving_latency import LiveService
+    from modelio.model_text import ModelText
+    from shared.chat import check_chat
+    from shared.hermes import parse_tool_calls
+
+    tool_format = json.loads((adapter / "lorafleet.json").read_text())["tool_format"]
+    text = ModelText(str(model_dir))
+    chats = [check_chat(r) for r in records]
+    with LiveService(work / "service", model_dir, [adapter], threads=1, max_batch=32,
+                     prompt_format={"type": "chat"}) as service:
+        service.start_engine({"LORAFLEET_ENGINE_BACKEND": "vllm"})
+        client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=service.key,
+                               timeout=900, max_retries=0)
+        fine_tuned = service.names[0]
+
+        def ask_fine_tuned(i: int) -> tuple[list[dict[str, Any]], str]:
+            record = records[i]
+            reply = client.chat.completions.create(
+                model=fine_tuned, messages=record["messages"][:-1], tools=record["tools"],
+                temperature=0, max_tokens=plan.max_new_tokens)
+            message = reply.choices[0].message
+            calls = [c.model_dump() for c in message.tool_calls or []]
+            return calls, json.dumps(calls) if calls else message.content or ""
+
+        def ask_base(i: int) -> tuple[list[dict[str, Any]], str]:
+            chat = chats[i]
+            prompt = text.render_chat(chat.messages[:-1], True, chat.tools,
+                                      tool_format=tool_format)
+            reply = client.completions.create(model=service.base, prompt=prompt, temperature=0,
+                                              max_tokens=plan.max_new_tokens,
+                                              stop=[text.tokenizer.eos_token])
+            answer = reply.choices[0].text
+            return parse_tool_calls(answer).tool_calls, answer
+
+        scores: dict[str, Scores] = {}
+        for name, ask in (("base", ask_base), ("fine-tuned", ask_fine_tuned)):
+            ask(0)  # starts vLLM, loads the adapter
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(ask, range(len(records))))
+            scores[name] = judge_calls([a[0] for a in answers], records, answers[0][1])
+            log(f"  {name}: exact {scores[name].exact:.3f}, name {scores[name].name:.3f}, "
+                f"parsed {scores[name].parsed:.3f} ({time.perf_counter() - t0:.0f} s)")
+    return scores, tool_format
+
+
+def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
+        scoring: str = "api") -> Outcome:
     import torch
 
     from cli.models import pull_model
@@ -216,9 +283,12 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print) -> Outcome:
     log(f"  training on {plan.train} chats, {plan.epochs:g} epoch(s)")
     adapter, result, seconds = train(model_dir, train_file, work, plan)
     log(f"  trained {result.step} steps, {result.trained_tokens} tokens in {seconds:.0f} s")
-    scores, tool_format = score(model_dir, adapter, test, plan, log)
+    if scoring == "api":
+        scores, tool_format = score_api(model_dir, adapter, test, plan, work, log)
+    else:
+        scores, tool_format = score(model_dir, adapter, test, plan, log)
     return Outcome(plan, tool_format, plan.train, seconds, result.step, result.trained_tokens,
-                   (loads, report.load()), torch.get_num_threads(), scores)
+                   (loads, report.load()), torch.get_num_threads(), scores, scoring)
 
 
 # --------------------------------------------------------------------------- the report
@@ -246,14 +316,22 @@ def markdown(outcome: Outcome, where: str, command: str) -> str:
         f"{plan.lora_r} / alpha "
         f"{plan.lora_alpha:g}, fp32 on CPU: {outcome.steps} steps, "
         f"{outcome.trained_tokens:,} tokens in {outcome.train_seconds:.0f} s.",
-        "- Scoring: with peft in the benchmark's process (the base model and the adapter "
-        "loaded with `PeftModel.from_pretrained`), as `/v1/chat/completions` takes `tools` only "
-        "for templates that render them, not yet in an adapter's Hermes format. Each request "
-        "is rendered with the chat's tools as inference renders it "
-        f"(`ModelText.render_chat`, tool format `{outcome.tool_format}`), answered greedily "
-        f"(at most {plan.max_new_tokens} new tokens), and read back with "
-        "`shared.hermes.parse_tool_calls`. *Exact*: the first call's name and arguments (parsed "
-        "JSON) equal the expected ones; *name*: the right function; *parsed*: a call at all.",
+        ("- Scoring: through the service (`lorafleet api`, `lorafleet serve` on vLLM), as a "
+         "client asks, 8 requests at a time, greedy, at most "
+         f"{plan.max_new_tokens} new tokens. The fine-tuned model: `/v1/chat/completions` with "
+         "the chat's `tools` (`tool_choice` auto), the engine rendering them in the tool format "
+         f"the adapter stored (`{outcome.tool_format}`), the calls read from "
+         "`message.tool_calls`. The base model, whose template renders no tools (the engine "
+         "refuses them for it, naming `tools`): the same prompt text through "
+         "`/v1/completions`, read back with `shared.hermes.parse_tool_calls`."
+         if outcome.scoring == "api" else
+         "- Scoring: with peft in the benchmark's process (`--scoring peft`: the base model and "
+         "the adapter loaded with `PeftModel.from_pretrained`). Each request is rendered with "
+         "the chat's tools as inference renders it (`ModelText.render_chat`, tool format "
+         f"`{outcome.tool_format}`), answered greedily (at most {plan.max_new_tokens} new "
+         "tokens), and read back with `shared.hermes.parse_tool_calls`.")
+        + " *Exact*: the first call's name and arguments (parsed JSON) equal the expected "
+        "ones; *name*: the right function; *parsed*: a call at all.",
         "",
     ]
     tools = sorted(fine.per_tool)
@@ -281,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     parser.add_argument("--models-dir", type=Path, default=MODELS)
     parser.add_argument("--work", type=Path, default=OUT)
+    parser.add_argument("--scoring", choices=("api", "peft"), default="api",
+                        help="ask the service on vLLM (default) or peft in this process")
     args = parser.parse_args(argv)
 
     import torch
@@ -295,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
           f"  {where}", flush=True)
     started = time.monotonic()
     outcome = run(plan, args.work / plan.name, args.models_dir,
-                  log=lambda m: print(m, flush=True))
+                  log=lambda m: print(m, flush=True), scoring=args.scoring)
     command = "python -m bench.tools" + (" --quick" if args.quick else "") + (
-        f" --epochs {args.epochs:g}" if args.epochs else "")
+        f" --epochs {args.epochs:g}" if args.epochs else "") + (
+        " --scoring peft" if args.scoring == "peft" else "")
     md = markdown(outcome, where, command)
     print(md)
     print(f"took {time.monotonic() - started:.0f} s")

@@ -8,20 +8,25 @@ saved under the same folder is a different entry and old weights are never serve
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from engine.adapter_folders import AdapterFolders
 from shared.errors import NotFound
+from shared.hermes import ToolFormat
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+META_FILE = "lorafleet.json"
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,24 @@ def served_adapter(path: str | None, folders: AdapterFolders | None) -> AdapterR
     if path is None:
         return None
     return adapter_ref(folders.local(path) if folders is not None else path)
+
+
+def taught_tool_format(ref: AdapterRef | None) -> ToolFormat | None:
+    """How the adapter was taught tools: the ``tool_format`` training stored in its
+    ``lorafleet.json`` when its chats had tools (``modelio.chat_template``). None for the base
+    model and for an adapter never trained on tools."""
+    return None if ref is None else _stored_tool_format(ref.path, ref.name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stored_tool_format(path: str, name: str) -> ToolFormat | None:
+    # ``name`` tells versions apart: a new adapter in the same folder is read again.
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    value = meta.get("tool_format") if isinstance(meta, dict) else None
+    return value if value in get_args(ToolFormat) else None
 
 
 @dataclass

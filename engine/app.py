@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import responses
 from engine.adapter_folders import AdapterFolders
-from engine.adapters import AdapterRef, served_adapter
+from engine.adapters import AdapterRef, served_adapter, taught_tool_format
 from engine.batcher import Batcher, Request
 from engine.builtin import BaseModelHost, pick_device
 from engine.prompts import Prepared, chat_prompt, completion_prompts, make_rows
@@ -123,7 +123,7 @@ class Engine:
             self._checked.add(ref.name)
         name = ref.name if ref else None
         if isinstance(body, EngineChatRequest):
-            prompts = [chat_prompt(host, target, body)]
+            prompts = [chat_prompt(host, target, body, taught_tool_format(ref))]
             param = "messages"
         else:
             prompts = completion_prompts(host, target, body)

@@ -17,6 +17,7 @@ from engine.decoding import BASE, Row
 from engine.tools import message_dicts
 from modelio.model_text import ModelText
 from shared.errors import ContextLengthExceeded, InvalidRequest
+from shared.hermes import ToolFormat
 from shared.inference import ChatCompletionRequest, CompletionRequest, SamplingRequest, Target
 from shared.settings import Settings
 from shared.templates import PromptFormat, render_prompt, stop_sequences
@@ -85,12 +86,14 @@ def check_token_ids(host: ModelText, ids: Iterable[int], param: str = "prompt") 
                              f"(0-{vocabulary - 1})", param=param)
 
 
-def chat_prompt(host: ModelText, target: Target, req: ChatCompletionRequest) -> Prompt:
+def chat_prompt(host: ModelText, target: Target, req: ChatCompletionRequest,
+                taught: ToolFormat | None = None) -> Prompt:
     """The conversation as one prompt.
 
     Formats made for one instruction and one input (dolly, phi2-qa, custom) take the last user
     message as the input; the chat format and base models use the tokenizer's chat template,
-    which also shows the tools (:mod:`engine.tools`).
+    which also shows the tools (:mod:`engine.tools`), in ``taught``, the tool format the
+    adapter was trained in (``engine.adapters.taught_tool_format``), where it has one.
 
     Raises:
         InvalidRequest: no user message for a one-turn format, tools for one.
@@ -110,9 +113,9 @@ def chat_prompt(host: ModelText, target: Target, req: ChatCompletionRequest) -> 
             raise InvalidRequest("messages: no message with role 'user'", param="messages")
         text = render_prompt(fmt, users[-1], host.render_chat)
     elif req.calls_tools:
-        text = tools.render(host, req)
+        text = tools.render(host, req, taught)
     else:
-        text = host.render_chat(messages, True)
+        text = host.render_chat(messages, True, tool_format=taught)
     stops = user_stops + (stop_sequences(fmt) if fmt is not None else [])
     if fmt is None or fmt.type == "chat":
         return Prompt(text, stops, host.eos_ids | host.chat_end_ids())

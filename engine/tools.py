@@ -1,14 +1,17 @@
 """Tools and structured outputs of chat requests: how the prompt shows the tools, what vLLM's
 structured outputs constrain, and how a reply becomes ``message.tool_calls``.
 
-Tools are rendered by the model's own chat template (``tools=``, as transformers passes them;
-assistant ``tool_calls`` and ``tool`` messages of the history too), and calls are read back in
-the Hermes format those templates teach: ``<tool_call>{"name": ..., "arguments": {...}}
-</tool_call>`` blocks. ``tool_choice: "auto"`` lets the model choose; a named function or
-``"required"`` puts the opening ``<tool_call>`` at the end of the prompt and constrains the
-rest to the call's JSON (the name, and the arguments' JSON schema), so the call always parses
-and its arguments validate. ``response_format`` constrains the reply to JSON or to a JSON
-schema. Constraints go to vLLM as ``structured_outputs`` (xgrammar, no free whitespace).
+Tools are rendered in the *tool format* of the model (``modelio.chat_template``): by its own
+chat template where that renders tools (``tools=``, as transformers passes them; assistant
+``tool_calls`` and ``tool`` messages of the history too), or, for an adapter fine-tuned on chats
+with tools over a template that renders none, in the Hermes format it learned (the format its
+``lorafleet.json`` stores, ``shared.hermes``). Calls are read back in the Hermes format both
+teach: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
+``tool_choice: "auto"`` lets the model choose; a named function or ``"required"`` puts the
+opening ``<tool_call>`` at the end of the prompt and constrains the rest to the call's JSON (the
+name, and the arguments' JSON schema), so the call always parses and its arguments validate.
+``response_format`` constrains the reply to JSON or to a JSON schema. Constraints go to vLLM
+as ``structured_outputs`` (xgrammar, no free whitespace).
 """
 
 from __future__ import annotations
@@ -19,16 +22,13 @@ import secrets
 from typing import Any
 
 from modelio.model_text import ModelText
+from shared.hermes import CALL_END, CALL_START, ToolFormat
 from shared.inference import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from shared.request_fields import UnsupportedParameter
 
-CALL_OPEN = "<tool_call>"
-CALL_CLOSE = "</tool_call>"
-_CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)",
+CALL_OPEN = CALL_START
+_CALL = re.compile(re.escape(CALL_START) + r"\s*(.*?)\s*(?:" + re.escape(CALL_END) + r"|$)",
                    re.DOTALL)
-_PROBE_TOOL = {"type": "function", "function": {
-    "name": "lorafleet_probe_tool", "description": "probe",
-    "parameters": {"type": "object", "properties": {}}}}
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -57,28 +57,27 @@ def _arguments(text: str) -> Any:
                                    param="messages") from e
 
 
-def renders_tools(host: ModelText) -> bool:
-    """Whether the model's chat template shows tools to the model."""
-    messages = [{"role": "user", "content": "hi"}]
-    plain = host.render_chat(messages, True)  # a model without a chat template: 400
-    with_tool = host.tokenizer.apply_chat_template(messages, tools=[_PROBE_TOOL],
-                                                   tokenize=False, add_generation_prompt=True)
-    return "lorafleet_probe_tool" in with_tool and with_tool != plain
-
-
-def render(host: ModelText, req: ChatCompletionRequest) -> str:
+def render(host: ModelText, req: ChatCompletionRequest,
+           taught: ToolFormat | None = None) -> str:
     """The prompt of a chat request with tools (a forced call: its opening tag included).
 
+    Args:
+        taught: the tool format the adapter was trained in (its ``lorafleet.json``), which
+            renders the request as training rendered its chats; None: a base model, or an
+            adapter never trained on tools.
+
     Raises:
-        UnsupportedParameter: the model's chat template does not show tools.
+        UnsupportedParameter: the model's chat template does not show tools and no adapter was
+            taught them in the Hermes format.
     """
-    if not renders_tools(host):
+    tool_format = taught or host.tool_format()
+    if tool_format == "hermes" and taught is None:
         raise UnsupportedParameter(
-            f"'tools' is not supported by the model '{host.name}': its chat template does not "
-            "render tools", param="tools")
+            f"'tools' is not supported by the model '{req.model}': its chat template does not "
+            "render tools, and it was not fine-tuned on chats with tools (a model fine-tuned "
+            "on them takes tools in the format it learned)", param="tools")
     tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools or []]
-    prompt = host.tokenizer.apply_chat_template(
-        message_dicts(req.messages), tools=tools, tokenize=False, add_generation_prompt=True)
+    prompt = host.render_chat(message_dicts(req.messages), True, tools, tool_format=tool_format)
     return prompt + CALL_OPEN + "\n" if forced(req) else prompt
 
 

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import responses, tools
 from engine.adapter_folders import AdapterFolders
-from engine.adapters import AdapterRef, served_adapter
+from engine.adapters import AdapterRef, served_adapter, taught_tool_format
 from engine.prompts import Prepared, chat_prompt, completion_prompts, make_rows
 from engine.responses import Choice
 from engine.vllm import relay
@@ -126,7 +126,7 @@ class VllmEngine:
                                  "prompts for whole answers only): send stream: false",
                                  param="echo")
         if isinstance(body, EngineChatRequest):
-            prompts = [chat_prompt(text, target, body)]
+            prompts = [chat_prompt(text, target, body, taught_tool_format(ref))]
             param = "messages"
         else:
             prompts = completion_prompts(text, target, body)

@@ -61,6 +61,17 @@ def chatter(serving: ServingStack, tiny_model: Path) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def hermes_chatter(serving: ServingStack, tiny_model: Path) -> tuple[str, Path]:
+    """A fine-tuned chat model whose adapter learned tools in the Hermes format (as training
+    stores it for a template that renders none, SmolLM2's): its ``lorafleet.json`` decides how
+    the engine shows tools, over the base template's own way."""
+    name, folder = add_adapter(serving, tiny_model, 302, {"type": "chat"})
+    meta = json.loads((folder / "lorafleet.json").read_text())
+    (folder / "lorafleet.json").write_text(json.dumps({**meta, "tool_format": "hermes"}))
+    return name, folder
+
+
+@pytest.fixture(scope="module")
 def text(tiny_model: Path) -> Any:
     from modelio.model_text import ModelText
 
@@ -203,6 +214,39 @@ def test_langchain_binds_tools_and_structures_output(serving: ServingStack,
     assert set(message.tool_calls[0]["args"]) == {"city", "unit"}
     structured = llm.with_structured_output(Summary, method="json_schema").invoke(DIALOGUE)
     assert isinstance(structured, Summary)
+
+
+def test_a_hermes_adapter_gets_tools_as_it_learned_them(
+        serving: ServingStack, client: openai.OpenAI, hermes_chatter: tuple[str, Path],
+        text: Any) -> None:
+    from langchain_openai import ChatOpenAI
+
+    from shared.chat import check_messages, check_tools
+
+    name, _ = hermes_chatter
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+
+    result = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER],
+                                            tool_choice="required", max_tokens=60,
+                                            temperature=0)
+
+    out = result.choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.content is None
+    _check_call(out.message.tool_calls[0])
+    # The prompt was the Hermes rendering (the <tools> block in a system turn), the forced
+    # call's opening tag after it: not what the base template renders.
+    hermes = text.render_chat(check_messages(messages), True, check_tools([WEATHER]),
+                              tool_format="hermes") + "<tool_call>\n"
+    template = text.render_chat(check_messages(messages), True, check_tools([WEATHER]),
+                                tool_format="template") + "<tool_call>\n"
+    assert len(text.encode(hermes)) != len(text.encode(template))
+    assert result.usage.prompt_tokens == len(text.encode(hermes))
+
+    llm = ChatOpenAI(model=name, base_url=f"{serving.stack.base_url}/v1",
+                     api_key=serving.stack.key, temperature=0, max_tokens=120, timeout=600)
+    message = llm.bind_tools([Weather], tool_choice="Weather").invoke("Weather in Rome?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"
+    assert set(message.tool_calls[0]["args"]) == {"city", "unit"}
 
 
 def test_refused_fields_are_named(client: openai.OpenAI, summarizer: tuple[str, Path]) -> None:
