@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +37,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared import metrics as shared_metrics
 from shared.lifecycle import Claim
+from shared.schemas import MethodType
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,21 +56,36 @@ class TrainingMetrics:
 
 @cache
 def training_metrics() -> TrainingMetrics:
-    """This process's training metrics (created, and registered, on first call)."""
-    return TrainingMetrics(
+    """This process's training metrics (created, and registered, on first call). Steps,
+    tokens and step times are labelled with the job's ``method`` (a DPO step runs the policy
+    and the reference on two answers: its time is not a supervised step's); every method's
+    series exists from the start, at 0."""
+    metrics = TrainingMetrics(
         steps=Counter("lorafleet_training_steps_total",
-                      "Optimizer steps this worker trained."),
+                      "Optimizer steps this worker trained, by training method.", ["method"]),
         tokens=Counter("lorafleet_training_tokens_total",
-                       "Tokens this worker trained on (the jobs' trained_tokens)."),
+                       "Tokens this worker trained on (the jobs' trained_tokens), by training "
+                       "method.", ["method"]),
         step_duration=Histogram("lorafleet_training_step_duration_seconds",
                                 "Time per optimizer step, averaged over each progress report "
-                                "(every logged step).", buckets=STEP_BUCKETS),
+                                "(every logged step), by training method.", ["method"],
+                                buckets=STEP_BUCKETS),
         # The pool process that trains sets it, and a new one resets it: the last write wins.
         tokens_per_second=Gauge("lorafleet_training_tokens_per_second",
                                 "Training throughput of the job this worker trains (as the "
                                 "job reports it); 0 while it trains none.",
                                 multiprocess_mode="mostrecent"),
     )
+    for method in get_args(MethodType):
+        for family in (metrics.steps, metrics.tokens, metrics.step_duration):
+            family.labels(method)
+    return metrics
+
+
+def job_method(claim: Claim) -> str:
+    """The training method of the claimed job (its ``TrainingSpec.method``)."""
+    method = claim.spec.get("method")
+    return method if method in get_args(MethodType) else "supervised"
 
 
 # --------------------------------------------------------------------------- training
@@ -106,11 +123,12 @@ def training_progress(claim: Claim, step: int, trained_tokens: int,
         start = claim.last_good_step or 0
         w = _Window(claim.job_id, claim.attempt, start, 0 if start == 0 else None, None)
     steps = max(step - w.step, 0)
-    m.steps.inc(steps)
+    method = job_method(claim)
+    m.steps.labels(method).inc(steps)
     if w.tokens is not None:
-        m.tokens.inc(max(trained_tokens - w.tokens, 0))
+        m.tokens.labels(method).inc(max(trained_tokens - w.tokens, 0))
     if w.at is not None and steps:
-        m.step_duration.observe((now - w.at) / steps)
+        m.step_duration.labels(method).observe((now - w.at) / steps)
     if tokens_per_second is not None:
         m.tokens_per_second.set(tokens_per_second)
     _window = _Window(claim.job_id, claim.attempt, max(step, w.step), trained_tokens, now)

@@ -19,14 +19,16 @@ from worker import metrics as worker_metrics
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def claim(job_id: str, attempt: int = 1, last_good_step: int | None = None) -> Claim:
-    return Claim(job_id, attempt, "w1", {}, "m", None, last_good_step, 0, "p", None)
+def claim(job_id: str, attempt: int = 1, last_good_step: int | None = None,
+          method: str = "supervised") -> Claim:
+    return Claim(job_id, attempt, "w1", {"method": method}, "m", None, last_good_step, 0, "p",
+                 None)
 
 
-def training() -> dict[str, float]:
-    return {"steps": value("lorafleet_training_steps_total"),
-            "tokens": value("lorafleet_training_tokens_total"),
-            "timed": value("lorafleet_training_step_duration_seconds_count")}
+def training(method: str = "supervised") -> dict[str, float]:
+    return {"steps": value("lorafleet_training_steps_total", method=method),
+            "tokens": value("lorafleet_training_tokens_total", method=method),
+            "timed": value("lorafleet_training_step_duration_seconds_count", method=method)}
 
 
 @pytest.fixture
@@ -60,6 +62,17 @@ def test_a_resumed_attempt_counts_from_its_checkpoint_and_its_first_report(count
     worker_metrics.training_progress(claim("ftjob-resumed", attempt=3, last_good_step=12),
                                      14, 1_400, None)
     assert counted() == {"steps": 5, "tokens": 100, "timed": 1}
+
+
+def test_steps_are_counted_by_the_jobs_method(counted: Any) -> None:
+    before = training("dpo")
+    c = claim("ftjob-dpo", method="dpo")
+    worker_metrics.training_progress(c, 1, 100, None)
+    worker_metrics.training_progress(c, 3, 300, None)
+
+    assert {k: v - before[k] for k, v in training("dpo").items()} == {
+        "steps": 3, "tokens": 300, "timed": 1}
+    assert counted() == {"steps": 0, "tokens": 0, "timed": 0}  # none counted as supervised
 
 
 SCRIPT = """
@@ -106,6 +119,8 @@ def test_the_main_process_serves_what_its_pool_processes_counted(tmp_path: Path)
     assert sample(samples, "lorafleet_webhook_sends_total", outcome="delivered") == 1
     # Every series exists from the start, at 0.
     assert ("lorafleet_job_requeues_total", frozenset({("reason", "lease_lost")})) in samples
+    assert sample(samples, "lorafleet_training_steps_total", method="supervised") == 8
+    assert ("lorafleet_training_steps_total", frozenset({("method", "dpo")})) in samples
 
 
 def test_enabling_after_a_metric_was_created_is_refused() -> None:
