@@ -172,10 +172,11 @@ def _check_limits(req: JobCreate) -> None:
 
 
 def _prompt_format(req: JobCreate, train: File) -> PromptFormat:
-    """The request's prompt format. Unset, a chat file trains with the base model's chat
+    """The request's prompt format. Unset, a chat file or a file of preference pairs (whose
+    inputs are chats, tools and several turns included) trains with the base model's chat
     template (OpenAI's users send no format: every assistant message, tool calls included, is
     learned as they expect); other files with ``dolly``."""
-    if req.prompt_format is None and train.record_format == "chat":
+    if req.prompt_format is None and train.record_format in ("chat", "preference"):
         return PromptFormat(type="chat")
     return PromptFormat.parse(req.prompt_format)
 

@@ -118,6 +118,8 @@ def test_dpo_method_round_trip_through_the_sdk(client: openai.OpenAI, pairs_file
         assert answer.model_extra["rpo_alpha"] is None
         assert answer.model_extra["learning_rate"] == pytest.approx(5e-5)
         assert answer.hyperparameters.batch_size == 2
+        # No format was sent: the pairs' chats render with the chat template.
+        assert answer.model_extra["prompt_format"]["type"] == "chat"
 
 
 def test_auto_dpo_hyperparameters_resolve(client: openai.OpenAI, pairs_file: Any,

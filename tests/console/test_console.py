@@ -454,3 +454,69 @@ def test_a_dpo_job_shows_its_reward_curves(console: Callable[..., Console], live
     expect(page.get_by_role("heading", name="Loss")).to_be_visible(timeout=LONG)
     expect(page.locator("main")).to_contain_text("supervised")
     expect(rewards).to_be_hidden()
+
+
+def test_a_person_creates_a_dpo_job_from_a_preference_file(
+        console: Callable[..., Console], live: Stack, tiny_model: Path, tmp_path: Path) -> None:
+    """A preference file picks DPO on the new-job form, which asks for beta and a loss type,
+    sends OpenAI's method with them, and marks the method when it does not fit the file."""
+    from tests.support.preference import preference_pairs
+
+    tab = console(live.base_url)
+    page = tab.page
+    tab.open("console#/new")
+    tab.sign_in(live.key)
+    method, beta = page.get_by_label("Method", exact=True), page.get_by_label("Beta", exact=True)
+    expect(method).to_have_value("supervised")
+    expect(beta).to_be_hidden()
+
+    train_id = upload(tab, write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(8)))
+    expect(page.get_by_label("Training file")).to_have_value(train_id)
+    expect(method).to_have_value("dpo")
+    expect(page.get_by_label("Prompt format")).to_have_value("chat")  # the input is a chat
+    page.get_by_label("Base model").fill(str(tiny_model))
+    beta.fill("0.3")
+    page.get_by_label("Train for").select_option("steps")
+    page.get_by_label("Number of steps").fill("2")
+    page.get_by_label("Batch size").fill("2")
+    page.get_by_label("LoRA rank (r)").fill("4")
+    page.get_by_label("LoRA alpha").fill("8")
+    page.get_by_text("More settings").click()
+    page.get_by_label("Loss type").select_option("ipo")
+    page.get_by_label("Log the loss every (steps)").fill("1")
+    page.get_by_label("Max length (tokens)").fill("1024")
+
+    curl, python = tab.text("#snippet-curl"), tab.text("#snippet-python")
+    sent = json.loads(re.search(r"-d '(.*)'$", curl, re.S).group(1))  # type: ignore[union-attr]
+    assert sent == {"model": str(tiny_model), "training_file": train_id, "max_steps": 2,
+                    "method": {"type": "dpo", "dpo": {"hyperparameters": {
+                        "batch_size": 2, "learning_rate_multiplier": 1, "beta": 0.3}}},
+                    "lora": {"r": 4, "alpha": 8}, "prompt_format": "chat", "loss_type": "ipo",
+                    "logging_steps": 1, "max_length": 1024}
+    assert "    method={" in python and '"loss_type": "ipo"' in python.split("extra_body=")[1]
+    tab.screenshot("new-dpo-job")
+
+    # Supervised on preference pairs: the API refuses it, and the form marks the method.
+    method.select_option("supervised")
+    expect(beta).to_be_hidden()
+    page.get_by_role("button", name="Create job").click()
+    expect(page.locator("#create-error")).to_contain_text("preference records")
+    expect(method).to_have_attribute("aria-invalid", "true")
+    expect(method).to_be_focused()
+    method.select_option("dpo")
+    expect(beta).to_have_value("0.3")
+
+    page.get_by_role("button", name="Create job").click()
+    expect(page).to_have_url(re.compile(r"#/jobs/ftjob-"), timeout=LONG)
+    job_id = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("main")).to_contain_text(
+        "DPO, beta 0.3, ipo loss, reference: the base model", timeout=LONG)
+    job = live.openai().fine_tuning.jobs.retrieve(job_id)
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters is not None
+    assert job.method.dpo.hyperparameters.beta == 0.3
+    expect(page.locator(".page-head .badge")).to_have_text("succeeded", timeout=LONG)
+    tab.screenshot("dpo-job")
+    tab.assert_no_trace_shown()
+    # The browser logs the refused request; nothing else.
+    assert [e for e in tab.console_errors if "status of 400" not in e] == [], tab.console_errors

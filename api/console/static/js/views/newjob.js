@@ -1,11 +1,22 @@
 // A new job: upload a JSONL file (the API checks every line and names the first bad one), then
 // create a job with the common fields. The request is shown as curl and Python as it is edited.
+// A preference file trains with DPO (OpenAI's method {"type": "dpo"}), any other supervised.
 
 import { api, send } from "../api.js";
 import { h, replace } from "../dom.js";
 import { curlSnippet, pythonSnippet } from "../snippets.js";
 
 const MAX_SHOWN_LINE = 400;
+
+// The training methods (OpenAI's method.type): the file record format that picks each, and what
+// learning_rate_multiplier multiplies for it (shared/methods.py).
+const METHODS = {
+  supervised: { label: "Supervised", recordFormat: null, baseRate: "2e-4" },
+  dpo: { label: "DPO (preference pairs)", recordFormat: "preference", baseRate: "1e-4" },
+};
+// TRL's DPO losses (shared/schemas.py LossType); the first is the API's default.
+const LOSS_TYPES = [["sigmoid", "sigmoid (the DPO paper's)"], ["ipo", "ipo"],
+  ["hinge", "hinge"], ["sigmoid_norm", "sigmoid_norm (length-normalised)"]];
 
 function field(id, label, input, help) {
   input.id = id;
@@ -61,7 +72,9 @@ export function newJobView(root) {
     h("h2", { id: "upload-title" }, "1. Upload training data"),
     field("upload-file", "JSONL file", fileInput,
       "One JSON object per line: {\"prompt\", \"completion\"}, {\"messages\": [...]}, " +
-      "{\"instruction\", \"response\"} or {\"dialogue\", \"summary\"}. Every line is checked."),
+      "{\"instruction\", \"response\"}, {\"dialogue\", \"summary\"}, or preference pairs " +
+      "{\"input\", \"preferred_output\", \"non_preferred_output\"} for DPO. " +
+      "Every line is checked."),
     uploadButton, uploadResult);
 
   // --- job form ---------------------------------------------------------------------------
@@ -70,6 +83,11 @@ export function newJobView(root) {
   const modelChoices = h("datalist", { id: "model-choices" });
   const trainingFile = h("select", { required: true });
   const validationFile = h("select");
+  const method = h("select", {}, Object.entries(METHODS).map(([value, m]) =>
+    h("option", { value }, m.label)));
+  const beta = numberInput("", { min: 0.001, max: 100, step: "any", placeholder: "auto" });
+  const lossType = h("select", {}, LOSS_TYPES.map(([value, label]) =>
+    h("option", { value }, label)));
   const suffix = h("input", { type: "text", maxlength: 64, pattern: "[A-Za-z0-9_\\-]*",
     autocomplete: "off" });
   const schedule = h("select", {}, h("option", { value: "epochs" }, "Epochs"),
@@ -104,11 +122,16 @@ export function newJobView(root) {
       field("training-file", "Training file", trainingFile),
       field("validation-file", "Validation file", validationFile,
         "Optional: validation loss at every checkpoint."),
+      field("method", "Method", method,
+        "DPO learns from preference pairs: a preference file selects it."),
       field("suffix", "Suffix", suffix, "Part of the fine-tuned model's name (A-Z a-z 0-9 _ -)."),
       field("schedule", "Train for", schedule),
       h("div", { class: "field" }, lengthLabel, length),
       field("batch-size", "Batch size", batchSize),
       field("lr-multiplier", "Learning rate multiplier", lrMultiplier, "× 2e-4."),
+      field("beta", "Beta", beta,
+        "How far the adapter may move from its reference model (lower: further). " +
+        "Empty: auto."),
       field("lora-r", "LoRA rank (r)", loraR),
       field("lora-alpha", "LoRA alpha", loraAlpha, "The update is scaled by alpha / r."),
       field("prompt-format", "Prompt format", promptFormat,
@@ -117,7 +140,8 @@ export function newJobView(root) {
       field("save-steps", "Checkpoint every (steps)", saveSteps),
       field("logging-steps", "Log the loss every (steps)", loggingSteps),
       field("max-length", "Max length (tokens)", maxLength, "Longer examples are dropped."),
-      field("seed", "Seed", seed))),
+      field("seed", "Seed", seed),
+      field("loss-type", "Loss type", lossType, "How DPO scores a preference pair."))),
     createButton, createError,
     h("h3", {}, "The same request"),
     h("div", { class: "snippet-head" }, h("span", {}, "curl"), copyButton(curl)), curl,
@@ -129,16 +153,25 @@ export function newJobView(root) {
 
   // --- behaviour --------------------------------------------------------------------------
   const inputs = { model, "training-file": trainingFile, "validation-file": validationFile,
-    suffix, length, "batch-size": batchSize, "lr-multiplier": lrMultiplier, "lora-r": loraR,
-    "lora-alpha": loraAlpha, "prompt-format": promptFormat, "save-steps": saveSteps,
-    "logging-steps": loggingSteps, "max-length": maxLength, seed };
+    method, suffix, length, "batch-size": batchSize, "lr-multiplier": lrMultiplier, beta,
+    "lora-r": loraR, "lora-alpha": loraAlpha, "prompt-format": promptFormat,
+    "save-steps": saveSteps, "logging-steps": loggingSteps, "max-length": maxLength, seed,
+    "loss-type": lossType };
   // The API names a bad field by its JSON path; the form's input for it.
-  const byParam = { model, training_file: trainingFile, validation_file: validationFile, suffix,
-    max_steps: length, n_epochs: length, "hyperparameters.n_epochs": length,
-    "hyperparameters.batch_size": batchSize,
-    "hyperparameters.learning_rate_multiplier": lrMultiplier, "lora.r": loraR,
-    "lora.alpha": loraAlpha, prompt_format: promptFormat, save_steps: saveSteps,
-    logging_steps: loggingSteps, max_length: maxLength, seed };
+  const byParam = { model, training_file: trainingFile, validation_file: validationFile,
+    method, "method.type": method, suffix, max_steps: length, n_epochs: length,
+    "lora.r": loraR, "lora.alpha": loraAlpha, prompt_format: promptFormat,
+    save_steps: saveSteps, logging_steps: loggingSteps, max_length: maxLength, seed,
+    loss_type: lossType };
+  const hyperparameters = { n_epochs: length, batch_size: batchSize,
+    learning_rate_multiplier: lrMultiplier, beta };
+  for (const at of ["hyperparameters", "method.supervised.hyperparameters",
+    "method.dpo.hyperparameters"]) {
+    for (const [name, input] of Object.entries(hyperparameters)) byParam[`${at}.${name}`] = input;
+  }
+  // The inputs only DPO has: shown while it is the method.
+  const dpoOnly = [beta, lossType].map((input) => input.closest(".field"));
+  const rateHelp = lrMultiplier.closest(".field").querySelector(".help");
 
   function requestBody() {
     const n = (input) => (input.value.trim() === "" ? null : Number(input.value));
@@ -150,9 +183,19 @@ export function newJobView(root) {
     if (schedule.value === "steps") body.max_steps = amount;
     else if (Number.isInteger(amount)) hp.n_epochs = amount;
     else body.n_epochs = amount; // fractions of an epoch: lorafleet's field
-    body.hyperparameters = hp;
+    if (method.value === "dpo") {
+      // Under the method, not top level: the API reads top-level hyperparameters first and
+      // would not see the method's (beta among them).
+      if (n(beta) !== null) hp.beta = n(beta);
+      body.method = { type: "dpo", dpo: { hyperparameters: hp } };
+    } else {
+      body.hyperparameters = hp; // a supervised request is OpenAI's older, shorter shape
+    }
     body.lora = { r: n(loraR), alpha: n(loraAlpha) };
     body.prompt_format = promptFormat.value;
+    if (method.value === "dpo" && lossType.value !== LOSS_TYPES[0][0]) {
+      body.loss_type = lossType.value;
+    }
     // The rest only when changed from the API's defaults, to keep the request short.
     if (n(saveSteps) !== 50 && n(saveSteps) !== null) body.save_steps = n(saveSteps);
     if (n(loggingSteps) !== 10 && n(loggingSteps) !== null) body.logging_steps = n(loggingSteps);
@@ -183,7 +226,7 @@ export function newJobView(root) {
     replace(validationFile, h("option", { value: "" }, "None"), options.map((o) => o.cloneNode(true)));
     if (keepTraining) trainingFile.value = keepTraining;
     if (keepValidation) validationFile.value = keepValidation;
-    formatForFile();
+    forTrainingFile();
     const bases = new Set([...recent.data.map((j) => j.model),
       ...models.data.map((m) => m.root)]);
     replace(modelChoices, [...bases].map((b) => h("option", { value: b })));
@@ -193,12 +236,22 @@ export function newJobView(root) {
   }
 
   // OpenAI's chat files (tools, several turns) train with the chat template, as the API does
-  // for them when a request names no format.
+  // for them when a request names no format; so do preference pairs, whose input is a chat.
+  // A preference file trains with DPO, any other file supervised: the API refuses the others.
   const recordFormats = new Map();
-  function formatForFile() {
-    if (recordFormats.get(trainingFile.value) === "chat") promptFormat.value = "chat";
+  function forTrainingFile() {
+    const format = recordFormats.get(trainingFile.value);
+    if (format === "chat" || format === "preference") promptFormat.value = "chat";
+    method.value = Object.keys(METHODS).find((m) => METHODS[m].recordFormat === format)
+      || "supervised";
+    showMethod();
   }
-  trainingFile.addEventListener("change", formatForFile);
+  function showMethod() {
+    for (const wrapper of dpoOnly) wrapper.hidden = method.value !== "dpo";
+    rateHelp.textContent = `× ${METHODS[method.value].baseRate}.`;
+  }
+  trainingFile.addEventListener("change", forTrainingFile);
+  method.addEventListener("change", showMethod);
 
   schedule.addEventListener("change", () => {
     const steps = schedule.value === "steps";
@@ -245,7 +298,8 @@ export function newJobView(root) {
     event.preventDefault();
     createError.textContent = "";
     for (const input of Object.values(inputs)) input.removeAttribute("aria-invalid");
-    const invalid = Object.values(inputs).find((input) => !input.checkValidity());
+    const invalid = Object.values(inputs).find((input) => !input.closest("[hidden]")
+      && !input.checkValidity());
     if (invalid) {
       invalid.setAttribute("aria-invalid", "true");
       const label = jobForm.querySelector(`label[for="${invalid.id}"]`);
@@ -263,6 +317,8 @@ export function newJobView(root) {
       const input = e.param && byParam[e.param];
       if (input) {
         input.setAttribute("aria-invalid", "true");
+        const details = input.closest("details");
+        if (details) details.open = true; // "More settings": show the input named
         input.focus();
       }
     } finally {
@@ -270,6 +326,7 @@ export function newJobView(root) {
     }
   });
 
+  showMethod();
   showSnippets();
   loadChoices().catch((e) => { createError.textContent = e.message; });
   return () => {};
