@@ -20,6 +20,13 @@ preferred answer more likely. And with **ROUGE-L** (F1, stemmed) of its greedy a
 held-out dialogues against the reference summaries. Goals: DPO's preference accuracy ≥ 0.8 and
 its ROUGE-L ≥ the base model's + 0.05. ``--write`` puts the section into BENCHMARKS.md.
 
+``--rpo-alpha A`` gives the DPO jobs TRL's RPO term (the preferred answers' negative
+log-likelihood, weight A, added to the DPO loss). The ``score`` stage scores the runs whose
+adapters are there (trained now or left in ``--work`` by an earlier run), so
+``--rpo-alpha 1 --stages dpo,score`` measures DPO with the RPO term alone; a run other than the
+full plain one is written as its own subsection of the section (:data:`RPO_TITLE`), which leaves
+the plain run's figures as they are.
+
 The data is read from the DialogSum folder (``$LORAFLEET_DIALOGSUM_DIR``, default
 ``../shared/data/dialogsum``), never copied into the repository.
 """
@@ -31,66 +38,36 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.dpo_report import (
+    BATCH_SIZE,
+    FULL,
+    LORA,
+    QUICK,
+    REFERENCES,
+    RPO_TITLE,
+    SECTION,
+    SEED,
+    Outcome,
+    Plan,
+    Scores,
+    is_variant,
+    label,
+    markdown,
+    write_variant,
+)
 from shared.records import DEFAULT_INSTRUCTION
 from shared.samples import SAMPLE_PATH, dialogsum_path
 
 OUT = Path(__file__).resolve().parent / "out" / "dpo"
 MODELS = Path.home() / ".cache" / "lorafleet" / "models"
-SECTION = "Preference tuning (DPO)"
-GOAL_ACCURACY = 0.8
-GOAL_ROUGE_MARGIN = 0.05
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The size of one run."""
-
-    name: str
-    train_pairs: int
-    held_out: int
-    max_prompt_tokens: int  # dialogues whose request is longer are passed over (CPU time)
-    max_new_tokens: int  # of every greedy answer (the non-preferred ones and the scored ones)
-    dpo_epochs: float
-    sft_epochs: float
-
-
-FULL = Plan("full", train_pairs=200, held_out=50, max_prompt_tokens=160, max_new_tokens=48,
-            dpo_epochs=1, sft_epochs=1)
-QUICK = Plan("quick", train_pairs=8, held_out=4, max_prompt_tokens=160, max_new_tokens=16,
-             dpo_epochs=1, sft_epochs=1)
-# A job's settings besides the method: batches of 4, LoRA r 16 on the projections, the chat
-# format, each method's default learning rate (learning_rate_multiplier 1).
-BATCH_SIZE = 4
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
-SEED = 42
-
-
-@dataclass
-class Scores:
-    accuracy: float | None  # the preference accuracy (policy vs its reference)
-    prefers: float  # share of pairs where the model finds the preferred answer more likely
-    rouge_l: float
-
-
-@dataclass
-class Outcome:
-    plan: Plan
-    data: str = ""
-    threads: int = 1
-    loads: tuple[str, str] = ("", "")
-    scores: dict[str, Scores] = field(default_factory=dict)
-    train_seconds: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, str] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- the data
 def request(dialogue: str) -> list[dict[str, str]]:
     """The one user message a pair's input holds: what the chat format renders for a DialogSum
@@ -190,15 +167,22 @@ STAGES = ("dpo", "sft", "sft-dpo", "score")
 def train(spec: Any, files: tuple[Path, str], out: Path, log: Any,
           run_it: bool = True) -> tuple[Path, float]:
     """One job's training, as the worker runs it; the adapter folder and the loop's seconds.
-    ``run_it`` false: the adapter an earlier run of this stage left in ``out``."""
+    ``run_it`` false: the adapter an earlier run of this stage left in ``out`` (the folder may
+    not exist: the stage was never run there)."""
     from modelio.loading import load_tokenizer
     from worker.training import method_for, train_adapter
 
+    rpo_alpha = spec.dpo.rpo_alpha if spec.dpo else None
     if not run_it:
         done = out / "seconds.json"
-        seconds = json.loads(done.read_text())["train_seconds"] if done.is_file() else math.nan
-        log(f"  {out.name}: the adapter of an earlier run ({out / 'adapter'})")
-        return out / "adapter", float(seconds)
+        meta = json.loads(done.read_text()) if done.is_file() else {}
+        if meta.get("rpo_alpha", rpo_alpha) != rpo_alpha:
+            # Its scores would go out under the wrong name.
+            raise SystemExit(f"{out} was trained with rpo_alpha {meta['rpo_alpha']}, not "
+                             f"{rpo_alpha}: pass that --rpo-alpha, or another --work")
+        if (out / "adapter").is_dir():
+            log(f"  {out.name}: the adapter of an earlier run ({out / 'adapter'})")
+        return out / "adapter", float(meta.get("train_seconds", math.nan))
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     tokenizer = load_tokenizer(spec.model)
@@ -209,7 +193,8 @@ def train(spec: Any, files: tuple[Path, str], out: Path, log: Any,
     log(f"  {spec.method}: {result.step} steps, {data.examples} examples "
         f"({data.dropped_too_long} too long), {result.train_seconds:.0f} s training, "
         f"{time.perf_counter() - started:.0f} s in all")
-    (out / "seconds.json").write_text(json.dumps({"train_seconds": result.train_seconds}))
+    (out / "seconds.json").write_text(json.dumps({"train_seconds": result.train_seconds,
+                                                  "rpo_alpha": rpo_alpha}))
     return result.adapter_dir, result.train_seconds
 
 
@@ -258,7 +243,7 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
     from shared.storage import folders
     from worker.training import method_for
 
-    outcome = Outcome(plan, threads=torch.get_num_threads())
+    outcome = Outcome(plan, threads=torch.get_num_threads(), rpo_alpha=rpo_alpha)
     outcome.loads = (report.load(), "")
     model_dir = pull_model("smollm2-135m", models_dir)
     # The SFT → DPO run continues an adapter the way a job does: from the storage folder.
@@ -286,19 +271,25 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
         f"{len(train_records)} training ones open with words of the dialogue)")
 
     runs = work / "runs"
+    adapters: dict[str, Path] = {}  # the runs there are to score, by name
+
+    def keep(name: str, trained: tuple[Path, float]) -> None:
+        if trained[0].is_dir():
+            adapters[name], outcome.train_seconds[name] = trained
+
     dpo_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha)
-    dpo_adapter, outcome.train_seconds["DPO"] = train(dpo_spec, pairs, runs / "dpo", log,
-                                                      "dpo" in stages)
+    keep("DPO", train(dpo_spec, pairs, runs / "dpo", log, "dpo" in stages))
     sft_spec = job_spec(model_dir, "supervised", plan.sft_epochs)
-    sft_adapter, outcome.train_seconds["SFT"] = train(sft_spec, sft_file, runs / "sft", log,
-                                                      "sft" in stages)
+    keep("SFT", train(sft_spec, sft_file, runs / "sft", log, "sft" in stages))
     sft_kept = storage.adapter_key("ftjob-bench-sft", 1)  # where a job's runner commits it
     if "sft-dpo" in stages:
-        folders.commit_folder(storage.get_store(), sft_adapter, sft_kept)
+        if "SFT" not in adapters:
+            raise SystemExit(f"the sft-dpo stage continues the SFT adapter, and {runs / 'sft'} "
+                             "has none: add the sft stage to --stages")
+        folders.commit_folder(storage.get_store(), adapters["SFT"], sft_kept)
     then_spec = job_spec(model_dir, "dpo", plan.dpo_epochs, rpo_alpha,
                          initial_model="ft:bench-sft", initial_adapter=sft_kept)
-    then_adapter, outcome.train_seconds["SFT → DPO"] = train(
-        then_spec, pairs, runs / "sft-dpo", log, "sft-dpo" in stages)
+    keep("SFT → DPO", train(then_spec, pairs, runs / "sft-dpo", log, "sft-dpo" in stages))
     outcome.settings = {
         "DPO": f"beta {dpo_spec.dpo.beta}, loss {dpo_spec.dpo.loss_type}"
                + (f" + RPO term × {rpo_alpha:g}" if rpo_alpha else "")
@@ -306,78 +297,38 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
         "SFT": f"lr {sft_spec.learning_rate:g}, packed"}
     if "score" not in stages:
         return outcome
+    if not adapters:
+        raise SystemExit(f"nothing to score: no adapter in {runs}; add a training stage to "
+                         "--stages")
+    if "SFT → DPO" in adapters and "SFT" not in adapters:
+        raise SystemExit(f"SFT → DPO is scored against its reference, the SFT adapter, and "
+                         f"{runs / 'sft'} has none: add the sft stage to --stages")
 
     tokenizer = load_tokenizer(str(model_dir))
     rows = method_for(dpo_spec).prepare(dpo_spec, tokenizer, *held).train
     summaries = [r["summary"] for r in held_records]
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, str(dpo_adapter), adapter_name="DPO")
-    model.load_adapter(str(sft_adapter), adapter_name="SFT")
-    model.load_adapter(str(then_adapter), adapter_name="SFT → DPO")
+    first, *others = adapters
+    model = PeftModel.from_pretrained(base, str(adapters[first]), adapter_name=first)
+    for name in others:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
     model.eval()
     t0 = time.perf_counter()
     with model.disable_adapter():
         base_logps = pair_logps(model, rows)
     logps = {"base": base_logps}
     outcome.scores["base"] = scores(base_logps, base_logps, held_answers, summaries)
-    for name, reference in (("DPO", "base"), ("SFT", "base"), ("SFT → DPO", "SFT")):
+    for name in adapters:  # in REFERENCES' order: SFT's log-probabilities before SFT → DPO's
         model.set_adapter(name)
         logps[name] = pair_logps(model, rows)
         tuned = generate(model, text, [request(r["dialogue"]) for r in held_records],
                          plan.max_new_tokens)
-        outcome.scores[name] = scores(logps[name], logps[reference], tuned, summaries)
-        log(f"  {name}: preference accuracy {outcome.scores[name].accuracy:.2f}, ROUGE-L "
-            f"{outcome.scores[name].rouge_l:.3f}")
+        outcome.scores[name] = scores(logps[name], logps[REFERENCES[name]], tuned, summaries)
+        log(f"  {label(name, rpo_alpha)}: preference accuracy "
+            f"{outcome.scores[name].accuracy:.2f}, ROUGE-L {outcome.scores[name].rouge_l:.3f}")
     log(f"  scored in {time.perf_counter() - t0:.0f} s")
     outcome.loads = (outcome.loads[0], report.load())
     return outcome
-
-
-# --------------------------------------------------------------------------- the report
-REFERENCES = {"base": "itself", "DPO": "base", "SFT": "base", "SFT → DPO": "SFT"}
-
-
-def markdown(outcome: Outcome, where: str, seconds: float) -> str:
-    plan = outcome.plan
-    base, dpo, then = (outcome.scores[k] for k in ("base", "DPO", "SFT → DPO"))
-    lines = [
-        f"## {SECTION}",
-        "",
-        f"`python -m bench.dpo` ({plan.name} size, {report.stamp()}, {seconds:,.0f} s in all): "
-        "SmolLM2-135M-Instruct (`lorafleet models pull smollm2-135m`) taught by DPO jobs to "
-        "prefer DialogSum's reference summaries over its own answers, each job run as the "
-        "worker runs it (the method's data preparation and `train_adapter`).",
-        "",
-        f"- Machine: {where}; {outcome.threads} torch thread(s); 1-min load average "
-        f"{outcome.loads[0]} at the start, {outcome.loads[1]} at the end (shared machine).",
-        f"- Data: {outcome.data}. Requests in SmolLM2's chat template (the job's `chat` "
-        f"format): one user message, \"{DEFAULT_INSTRUCTION}\", a blank line, the dialogue.",
-        f"- Jobs: batch {BATCH_SIZE}, LoRA r {LORA['r']} / alpha {LORA['alpha']} on the "
-        f"projections, seed {SEED}, each method's default learning rate; DPO: "
-        f"{outcome.settings['DPO']}, {plan.dpo_epochs:g} epoch; SFT: {outcome.settings['SFT']}, "
-        f"{plan.sft_epochs:g} epoch on the same dialogues with their reference summaries. "
-        "Training seconds: " + ", ".join(f"{k} {v:,.0f}" for k, v in
-                                         outcome.train_seconds.items()) + ".",
-        f"- Held out: the {plan.held_out} validation pairs. *Preference accuracy*: the share "
-        "whose policy log-ratio of preferred over non-preferred is above the reference's (the "
-        "model's DPO reward margin is positive); a model that is its own reference scores 0. "
-        "*Prefers*: the share where the model gives the preferred answer the higher "
-        "log-probability. *ROUGE-L*: F1 (stemmed) of its greedy answers (at most "
-        f"{plan.max_new_tokens} tokens) against the reference summaries.",
-        "",
-    ]
-    header = ["model", "reference", "preference accuracy", "prefers", "ROUGE-L"]
-    rows = [[f"**{name}**" if name in ("DPO", "SFT → DPO") else name, REFERENCES[name],
-             f"{s.accuracy:.2f}" if s.accuracy is not None else "", f"{s.prefers:.2f}",
-             f"{s.rouge_l:.3f}"] for name, s in outcome.scores.items()]
-    lines += [report.table(header, rows), ""]
-    for name, s in (("DPO", dpo), ("SFT → DPO", then)):
-        assert s.accuracy is not None
-        lines.append(
-            f"- {name}: preference accuracy {base.accuracy:.2f} → {s.accuracy:.2f} (goal ≥ "
-            f"{GOAL_ACCURACY}), ROUGE-L {s.rouge_l:.3f}, {s.rouge_l - base.rouge_l:+.3f} over "
-            f"the base model's (goal ≥ +{GOAL_ROUGE_MARGIN}).")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DPO benchmark, {plan.name}: {plan.train_pairs} pairs, {plan.held_out} held out\n"
           f"  {where}", flush=True)
     started = time.monotonic()
+    begun = report.stamp()
     stages = tuple(args.stages.split(","))
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -416,11 +368,25 @@ def main(argv: list[str] | None = None) -> int:
     if "score" not in stages:
         print(f"trained {', '.join(stages)} in {time.monotonic() - started:.0f} s")
         return 0
+    niceness = os.nice(0)
+    outcome.command = ((f"nice -n {niceness} " if niceness else "") + "python -m bench.dpo "
+                       + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+    outcome.started = begun
     md = markdown(outcome, where, time.monotonic() - started)
     print(md)
-    if args.write:
+    if not args.write:
+        return 0
+    if not is_variant(outcome):
         report.replace_section(SECTION, md)
         print(f"wrote the '{SECTION}' section of {report.BENCHMARKS}")
+    elif outcome.rpo_alpha:
+        write_variant(md)
+        print(f"wrote '{RPO_TITLE}' in the '{SECTION}' section of {report.BENCHMARKS}")
+    else:
+        # The section holds the full plain run: part of it would take the others' rows away.
+        print("not written: a plain run writes the section only with all its runs scored "
+              "(train the missing stages, or score a --work that has their adapters)")
+        return 1
     return 0
 
 
