@@ -292,13 +292,15 @@ def run(plan: Plan, work: Path, models_dir: Path, log: Any = print,
 
 
 # --------------------------------------------------------------------------- the report
-def markdown(outcome: Outcome, where: str, command: str) -> str:
+def markdown(outcome: Outcome, where: str, command: str, seconds: float | None = None) -> str:
     plan = outcome.plan
     fine = outcome.scores["fine-tuned"]
     lines = [
         f"## {SECTION}",
         "",
-        f"`{command}` ({plan.name} size, {report.stamp()}): SmolLM2-135M-Instruct "
+        f"`{command}` ({plan.name} size, {report.stamp()}"
+        + (f", {seconds:,.0f} s in all" if seconds is not None else "")
+        + "): SmolLM2-135M-Instruct "
         "(`lorafleet models pull smollm2-135m`) fine-tuned on OpenAI-format function-calling "
         "chats, then asked the held-out requests, base model vs fine-tuned.",
         "",
@@ -376,12 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     outcome = run(plan, args.work / plan.name, args.models_dir,
                   log=lambda m: print(m, flush=True), scoring=args.scoring)
-    command = "python -m bench.tools" + (" --quick" if args.quick else "") + (
+    niceness = os.nice(0)
+    command = (f"nice -n {niceness} " if niceness else "") + "python -m bench.tools" + (
+        " --quick" if args.quick else "") + (
         f" --epochs {args.epochs:g}" if args.epochs else "") + (
-        " --scoring peft" if args.scoring == "peft" else "")
-    md = markdown(outcome, where, command)
+        " --scoring peft" if args.scoring == "peft" else "") + (" --write" if args.write else "")
+    took = time.monotonic() - started
+    md = markdown(outcome, where, command, took)
     print(md)
-    print(f"took {time.monotonic() - started:.0f} s")
+    print(f"took {took:.0f} s")
     if args.write:
         report.replace_section(SECTION, md)
         print(f"wrote the '{SECTION}' section of {report.BENCHMARKS}")
