@@ -6,7 +6,9 @@
    same adapter: ``local-completions`` through the API (the engine on vLLM, which batches the
    scoring; the server started beforehand) and ``hf`` with ``peft=`` in this machine's torch.
    Goal: the API at least 3x faster. The accuracies must be equal. (The benchmark's small Phi
-   model.)
+   model.) Beside it, where the API's time goes: the task's texts scored as lm-eval asks
+   through the API, and straight to the engine's vLLM server with and without
+   ``prompt_logprobs``.
 2. Generation throughput with ``logprobs: 5`` against without: 32 concurrent completions of 64
    tokens over one adapter, the two alternated for ``--rounds`` rounds. Goal: at most 1.2x the
    time. Measured on the benchmark's small Phi model and on SmolLM2-135M-Instruct
@@ -159,6 +161,60 @@ def logprobs_cost(service: LiveService, name: str, rounds: int) -> dict[str, Any
     }
 
 
+def task_prompts(model: Path) -> list[list[int]]:
+    """The task's 210 scored texts (each context with one of its choices) as token ids, as
+    lm-eval sends them with ``tokenized_requests=True``."""
+    from transformers import AutoTokenizer
+
+    from shared.samples import SAMPLE_PATH
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    records = [json.loads(line) for line in SAMPLE_PATH.read_text().splitlines()][:DOCS]
+    return [tokenizer.encode(f"Dialogue:\n{r['dialogue']}\nSummary: "
+                             + records[(i + 7 * j) % len(records)]["summary"])
+            for i, r in enumerate(records) for j in range(CHOICES)]
+
+
+def scoring_breakdown(service: LiveService, name: str, model: Path) -> dict[str, float]:
+    """Where the API's scoring time goes: the task's texts scored as lm-eval asks (``echo``,
+    ``logprobs: 1``, ``max_tokens: 1``, 8 at a time) through the API, then straight to the
+    engine's vLLM server with and without ``prompt_logprobs`` (seconds for all of them)."""
+    import httpx
+    import psutil
+
+    texts = task_prompts(model)
+    http = httpx.Client(timeout=600)
+    headers = {"Authorization": f"Bearer {service.key}"}
+    assert service.engine is not None
+    port = next(cmd[cmd.index("--port") + 1]
+                for child in psutil.Process(service.engine.pid).children(recursive=True)
+                if "--port" in (cmd := child.cmdline()))
+    vllm = f"http://127.0.0.1:{port}/v1/completions"
+    lora = http.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][-1]["id"]
+
+    def timed(send: Any) -> float:
+        send(texts[0])  # warm
+        start = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(send, texts))
+        return round(time.perf_counter() - start, 1)
+
+    def api(ids: list[int]) -> None:
+        http.post(f"{service.url}/v1/completions", headers=headers, json={
+            "model": name, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
+            "temperature": 0}).raise_for_status()
+
+    def direct(echo: bool) -> Any:
+        def send(ids: list[int]) -> None:
+            body = {"model": lora, "prompt": ids, "max_tokens": 1, "temperature": 0,
+                    "logprobs": 1, **({"prompt_logprobs": 1} if echo else {})}
+            http.post(vllm, json=body).raise_for_status()
+        return send
+
+    return {"api_seconds": timed(api), "vllm_prompt_logprobs_seconds": timed(direct(True)),
+            "vllm_without_prompt_logprobs_seconds": timed(direct(False))}
+
+
 def lm_eval_scoring(service: LiveService, model: Path, adapter: Path, root: Path
                     ) -> dict[str, Any]:
     """lm-eval's multiple-choice task through the API and with its hf backend."""
@@ -206,6 +262,7 @@ def measure(which: str, rounds: int, with_lm_eval: bool) -> dict[str, Any]:
             out: dict[str, Any] = {}
             if with_lm_eval:
                 out["scoring"] = lm_eval_scoring(service, model, adapter, root)
+                out["scoring_breakdown"] = scoring_breakdown(service, service.names[0], model)
             out["logprobs"] = logprobs_cost(service, service.names[0], rounds)
             return out
         finally:
