@@ -19,29 +19,46 @@ SCRIPT = """
 import json, os, threading
 from lorafleet_vllm import compute_at_idle_priority
 
+def threads():
+    return [int(t) for t in os.listdir("/proc/self/task")]
+
 def policies():
-    return sorted({os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")})
+    found = set()
+    for t in threads():
+        try:
+            found.add(os.sched_getscheduler(t))
+        except ProcessLookupError:  # a thread that ended meanwhile (a joined one may linger)
+            pass
+    return sorted(found)
 
 started = threading.Event()
 stop = threading.Event()
 def wait():
     started.set()
     stop.wait()
-before = threading.Thread(target=wait)  # a thread that exists when vLLM loads the plugin
+# A thread that exists when vLLM loads the plugin (a daemon: whatever goes wrong below, the
+# script ends).
+before = threading.Thread(target=wait, daemon=True)
 before.start()
 started.wait()
-out = {"front_end": compute_at_idle_priority("MainProcess"), "after_front_end": policies()}
-out["core"] = compute_at_idle_priority(NAME)
-later = []
-thread = threading.Thread(target=lambda: later.append(os.sched_getscheduler(0)))
-thread.start()
-thread.join()
-out["after_core"] = policies()
-out["later_thread"] = later[0]
-# Back to normal at once: at SCHED_IDLE this process would wait for a busy machine to idle.
-for t in os.listdir("/proc/self/task"):
-    os.sched_setscheduler(int(t), os.SCHED_OTHER, os.sched_param(0))
-stop.set()
+try:
+    out = {"front_end": compute_at_idle_priority("MainProcess"),
+           "after_front_end": policies()}
+    out["core"] = compute_at_idle_priority(NAME)
+    later = []
+    thread = threading.Thread(target=lambda: later.append(os.sched_getscheduler(0)))
+    thread.start()
+    thread.join()
+    out["after_core"] = policies()
+    out["later_thread"] = later[0]
+finally:
+    # Back to normal at once: at SCHED_IDLE this process would wait for a busy machine to idle.
+    for t in threads():
+        try:
+            os.sched_setscheduler(t, os.SCHED_OTHER, os.sched_param(0))
+        except ProcessLookupError:
+            pass
+    stop.set()
 print(json.dumps(out))
 """
 
