@@ -47,16 +47,21 @@ SMOLLM2_MODELS = Path.home() / ".cache" / "lorafleet" / "models"  # as bench.qua
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_task(folder: Path) -> Path:
+def task_docs() -> list[dict[str, Any]]:
+    """The task's documents: each dialogue, its own summary (the gold choice) and two others."""
     from shared.samples import SAMPLE_PATH
 
     records = [json.loads(line) for line in SAMPLE_PATH.read_text().splitlines()][:DOCS]
+    return [{"context": f"Dialogue:\n{r['dialogue']}\nSummary:",
+             "choices": [records[(i + 7 * j) % len(records)]["summary"] for j in range(CHOICES)],
+             "gold": 0} for i, r in enumerate(records)]
+
+
+def write_task(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "mc.jsonl").open("w") as out:
-        for i, r in enumerate(records):
-            choices = [records[(i + 7 * j) % len(records)]["summary"] for j in range(CHOICES)]
-            out.write(json.dumps({"context": f"Dialogue:\n{r['dialogue']}\nSummary:",
-                                  "choices": choices, "gold": 0}) + "\n")
+        for doc in task_docs():
+            out.write(json.dumps(doc) + "\n")
     (folder / "mc.yaml").write_text(
         "task: bench_dialogsum_mc\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
@@ -162,17 +167,13 @@ def logprobs_cost(service: LiveService, name: str, rounds: int) -> dict[str, Any
 
 
 def task_prompts(model: Path) -> list[list[int]]:
-    """The task's 210 scored texts (each context with one of its choices) as token ids, as
-    lm-eval sends them with ``tokenized_requests=True``."""
+    """The task's 210 scored texts (each context, lm-eval's " " and one of its choices) as
+    token ids, as lm-eval sends them with ``tokenized_requests=True``."""
     from transformers import AutoTokenizer
 
-    from shared.samples import SAMPLE_PATH
-
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    records = [json.loads(line) for line in SAMPLE_PATH.read_text().splitlines()][:DOCS]
-    return [tokenizer.encode(f"Dialogue:\n{r['dialogue']}\nSummary: "
-                             + records[(i + 7 * j) % len(records)]["summary"])
-            for i, r in enumerate(records) for j in range(CHOICES)]
+    return [tokenizer.encode(f"{doc['context']} {choice}")
+            for doc in task_docs() for choice in doc["choices"]]
 
 
 def scoring_breakdown(service: LiveService, name: str, model: Path) -> dict[str, float]:

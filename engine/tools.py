@@ -26,7 +26,6 @@ from shared.hermes import CALL_END, CALL_START, ToolFormat
 from shared.inference import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from shared.request_fields import UnsupportedParameter
 
-CALL_OPEN = CALL_START
 _CALL = re.compile(re.escape(CALL_START) + r"\s*(.*?)\s*(?:" + re.escape(CALL_END) + r"|$)",
                    re.DOTALL)
 
@@ -78,7 +77,7 @@ def render(host: ModelText, req: ChatCompletionRequest,
             "on them takes tools in the format it learned)", param="tools")
     tools = [t.model_dump(mode="json", exclude_none=True) for t in req.tools or []]
     prompt = host.render_chat(message_dicts(req.messages), True, tools, tool_format=tool_format)
-    return prompt + CALL_OPEN + "\n" if forced(req) else prompt
+    return prompt + CALL_START + "\n" if forced(req) else prompt
 
 
 def forced(req: ChatCompletionRequest) -> bool:
@@ -127,7 +126,7 @@ def parse_reply(text: str, req: ChatCompletionRequest) -> tuple[str | None, list
     if not req.calls_tools:
         return text, []
     if forced(req):
-        text = CALL_OPEN + text  # the opening tag was the prompt's
+        text = CALL_START + text  # the opening tag was the prompt's
     calls = []
     for match in _CALL.finditer(text):
         try:
@@ -137,7 +136,7 @@ def parse_reply(text: str, req: ChatCompletionRequest) -> tuple[str | None, list
         if call is not None:
             calls.append(call)
     if not calls:
-        return text.removeprefix(CALL_OPEN) if forced(req) else text, []
+        return text.removeprefix(CALL_START) if forced(req) else text, []
     if req.parallel_tool_calls is False:
         calls = calls[:1]
     content = _CALL.sub("", text).strip()

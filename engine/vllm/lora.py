@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from engine.adapters import AdapterRef
+from engine.adapters import META_FILE, AdapterRef
 from engine.errors import AdapterLoadFailed, AdapterParityFailed
 from engine.vllm.servers import VllmServer
 from modelio.model_text import ModelText
@@ -31,7 +31,6 @@ from shared.settings import VLLM_LORA_RANKS, Settings
 
 log = logging.getLogger(__name__)
 
-META_FILE = "lorafleet.json"
 
 
 def adapter_rank(path: str | Path) -> int:
